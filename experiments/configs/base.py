@@ -1,0 +1,127 @@
+"""The config schema: every field rlhf_jax reads, with a typed default.
+
+Named configs (`experiments/configs/<name>.py`) start from `get_base_config()`
+and set values; they may not add fields — `rlhf_jax.config.validate_config`
+rejects any field that is not here. Adding a field is one line in the section
+that owns it. Optional fields are `placeholder(<type>)`: their default is None
+and a command-line override is parsed as `<type>`.
+
+Sequences are tuples (ml_collections' command line parses tuples, not lists):
+`--config.stages="('sft','rm')"`, `--config.mesh.shape="(2,2,2)"`.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+  """The keyword arguments of `rlhf_jax.state.make_optimizer`, as a section.
+
+  `total_steps = None` means "the owning stage's `steps`".
+  """
+  c = ml_collections.ConfigDict()
+  c.name = "adamw"
+  c.learning_rate = 3e-4
+  c.schedule = "cosine"
+  c.warmup_steps = 0
+  c.total_steps = placeholder(int)
+  c.end_lr_ratio = 0.1
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.weight_decay = 0.0
+  c.grad_clip = 1.0
+  c.update(overrides)
+  return c
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the full schema with defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.stages = ("sft",)
+
+  # --- model ------------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
+  config.model.preset = "tiny"
+  config.model.dtype = "float32"        # activations / compute
+  config.model.param_dtype = "float32"  # stored parameters
+  # Overrides of the preset's shape; None keeps the preset's value.
+  config.model.max_seq_len = placeholder(int)
+  config.model.vocab_size = placeholder(int)
+  config.model.d_model = placeholder(int)
+  config.model.n_layers = placeholder(int)
+  config.model.n_heads = placeholder(int)
+  config.model.n_kv_heads = placeholder(int)
+  config.model.d_ff = placeholder(int)
+
+  # --- task / data --------------------------------------------------------------
+  config.task = ml_collections.ConfigDict()
+  config.task.name = "synthetic"
+  config.task.data_dir = ""  # "" = <workdir>/data
+  config.task.seed = 0
+  config.task.max_prompt_len = 128
+  config.task.max_response_len = 128
+  config.task.num_train = 10_000
+  config.task.num_eval = 500
+
+  # --- sampling ---------------------------------------------------------------
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.temperature = 1.0
+  config.sampling.top_k = 0    # 0 = off
+  config.sampling.top_p = 1.0  # 1 = off
+  config.sampling.max_new_tokens = 64
+  config.sampling.num_samples = 1
+
+  # --- optimizer ----------------------------------------------------------------
+  # The template each stage's own `optimizer` section is copied from when the
+  # schema is built; set a stage's values with --config.<stage>.optimizer.*.
+  config.optimizer = optimizer_config()
+
+  # --- stages -------------------------------------------------------------------
+  config.sft = ml_collections.ConfigDict()
+  config.sft.steps = 500
+  config.sft.batch_size = 32
+  config.sft.eval_every = 100
+  config.sft.eval_batches = 4
+  config.sft.optimizer = optimizer_config(**config.optimizer.to_dict())
+
+  # --- algorithm (RL stages extend this section) --------------------------------
+  config.algo = ml_collections.ConfigDict()
+  config.algo.name = "sft"
+  config.algo.kl_coef = 0.02
+  config.algo.kl_target = placeholder(float)  # None = fixed KL coefficient
+  config.algo.kl_horizon = 10_000
+  config.algo.kl_estimator = "k1"
+  config.algo.clip_eps = 0.2
+  config.algo.value_clip_eps = 0.2
+  config.algo.gamma = 1.0
+  config.algo.lam = 0.95
+  config.algo.epochs = 1
+  config.algo.minibatches = 4
+  config.algo.strategy = "best_random"
+  config.algo.loss_agg = "seq_mean_token_mean"
+  config.algo.reward_clip = 10.0
+
+  # --- mesh -------------------------------------------------------------------
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.shape = (-1, 1, 1)  # one -1 at most: fill with the remaining devices
+  config.mesh.axis_names = ("data", "fsdp", "tensor")  # fixed
+
+  # --- checkpoints, logging -------------------------------------------------------
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 100
+  config.checkpoint.max_to_keep = 3
+  config.checkpoint.async_save = True
+
+  config.logging = ml_collections.ConfigDict()
+  config.logging.every_steps = 10
+  config.logging.tensorboard = True
+  config.logging.progress = True
+  return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """`--config=base.py` runs the defaults."""
+  return get_base_config()

@@ -1,0 +1,228 @@
+r"""Runs the pipeline stages of a config.
+
+  python -m experiments.run --config=sft.py [--config.sft.steps=50 ...] [--workdir=DIR]
+
+`--config` takes a name in experiments/configs/ (`sft`, `sft.py`), a path to a
+config file, and optionally `:arg` passed to its `get_config(arg)`. Every field
+can be overridden with `--config.<section>.<field>=<value>` (tuples as
+`"(2,2,2)"`). The config is validated against the schema
+(experiments/configs/base.py) before any compute; an invalid config, an unknown
+override, a wrong type or an unknown stage prints the field to stderr and exits
+with status 2.
+
+Multi-host (a TPU pod slice, or several processes): pass `--multihost` on every
+host (implied by JAX_COORDINATOR_ADDRESS or a multi-worker TPU environment), and
+`jax.distributed.initialize()` is called before any device is touched.
+On a single machine it is never called. For a local multi-process test, pass
+`--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=i`.
+
+The workdir (default `runs/<config name>`) receives config.json and whatever the
+stages write (checkpoints, metrics.jsonl, tb/, plots). Stages run in order;
+stage `x` is `rlhf_jax.pipelines.x.run_x(config, workdir)`, or
+`package.module:function` for a custom stage.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+USAGE_ERROR = 2
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config: a name in experiments/configs/, a path, and optional :arg.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default runs/<config name>).")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() (run on every host).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host; else auto-detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+class UsageError(Exception):
+  """A problem with the command line or config: exit 2 before any compute."""
+
+
+def _fail(message: str) -> None:
+  print(f"experiments.run: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_ERROR)
+
+
+# --- config lookup -----------------------------------------------------------------
+def resolve_config_path(spec: str) -> str:
+  """`sft` / `sft.py` / `path/to/x.py`, each with optional `:arg` → a file path (+ :arg)."""
+  path, sep, arg = spec.partition(":")
+  candidates = [path, os.path.join(CONFIG_DIR, path)]
+  if not path.endswith(".py"):
+    candidates.append(os.path.join(CONFIG_DIR, path + ".py"))
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return candidate + sep + arg
+  available = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                     if f.endswith(".py") and not f.startswith("_"))
+  raise UsageError(f"--config: unknown config {path!r} (not a file, not in "
+                   f"{CONFIG_DIR}); available: {', '.join(available)}")
+
+
+def config_name(spec: str) -> str:
+  """`experiments/configs/sft.py:arg` → `sft` (the default workdir name)."""
+  path = spec.partition(":")[0]
+  return os.path.splitext(os.path.basename(path))[0]
+
+
+def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
+  """Replaces the --config value by a resolvable path; absl would not search."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + resolve_config_path(arg[len("--config="):])
+      return argv
+    if arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = resolve_config_path(argv[i + 1])
+      return argv
+  raise UsageError("--config is required, e.g. --config=sft.py")
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parser for app.run that turns every flag problem into exit 2."""
+  try:
+    argv = _rewrite_config_arg(argv)
+    rest = flags.FLAGS(argv)
+    _CONFIG.value  # loads the file now: config_flags defers its errors to access
+  except UsageError as e:
+    _fail(str(e))
+  except flags.Error as e:
+    _fail(_unknown_override(argv) or str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags raises KeyError/AttributeError for unknown override paths and
+    # TypeError/IOError for broken config files.
+    _fail(_unknown_override(argv) or f"{type(e).__name__}: {e}")
+  return rest
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+  """Names the first `--config.a.b=` override whose field does not exist.
+
+  config_flags reports only the last path component, so on a parse failure the
+  config file is loaded again here and each override path is walked.
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  try:
+    spec = next(a[len("--config="):] for a in argv if a.startswith("--config="))
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_run_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # the original error says more
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    field = a[2:].split("=", 1)[0]
+    node = config
+    for part in field.split(".")[1:]:
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        return (f"{field}: unknown field (no {part!r} in "
+                f"{field.rsplit('.', 1)[0]}); overrides may only set fields "
+                "that exist in the config")
+      node = node[part]
+  return None
+
+
+# --- multi-host ------------------------------------------------------------------
+def is_multihost(flag: bool, environ=os.environ) -> bool:
+  """True on a multi-process run: the flag, JAX_COORDINATOR_ADDRESS, or a TPU pod."""
+  workers = environ.get("TPU_WORKER_HOSTNAMES", "")
+  return bool(flag or environ.get("JAX_COORDINATOR_ADDRESS")
+              or len([w for w in workers.split(",") if w]) > 1)
+
+
+# --- stages -----------------------------------------------------------------------
+def resolve_stages(stages: Sequence[str]) -> list[tuple[str, Callable]]:
+  """Imports each stage's function once, before anything runs."""
+  from rlhf_jax.config import stage_module  # pylint: disable=import-outside-toplevel
+  resolved = []
+  for i, stage in enumerate(stages):
+    module_name, fn_name = stage_module(stage)
+    try:
+      module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+      if e.name and module_name.startswith(e.name):
+        raise UsageError(f"config.stages[{i}]: unknown stage {stage!r} "
+                         f"(no module {module_name})") from e
+      raise
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+      raise UsageError(f"config.stages[{i}]: stage {stage!r}: {module_name} has "
+                       f"no function {fn_name}(config, workdir)")
+    resolved.append((stage, fn))
+  return resolved
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Cheap checks first: no jax import before the config is known to be sane.
+  from experiments.configs.base import get_base_config  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.config import ConfigError, config_to_json, validate_config  # pylint: disable=import-outside-toplevel
+
+  config = _CONFIG.value
+  name = config_name(flags.FLAGS["config"].config_filename)
+  schema = get_base_config()
+  try:
+    validate_config(config, schema)
+    stage_fns = resolve_stages(config.stages)
+  except (ConfigError, UsageError) as e:
+    _fail(f"invalid config: {e}")
+
+  import jax  # pylint: disable=import-outside-toplevel
+  if is_multihost(_MULTIHOST.value):
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  try:
+    validate_config(config, schema, device_count=jax.device_count())
+  except ConfigError as e:
+    _fail(f"invalid config: {e}")
+
+  workdir = os.path.abspath(_WORKDIR.value or os.path.join("runs", name))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    _write_atomic(os.path.join(workdir, "config.json"), config_to_json(config) + "\n")
+  logging.info("config %s, workdir %s, %d processes, %d devices, stages %s",
+               name, workdir, jax.process_count(), jax.device_count(),
+               [s for s, _ in stage_fns])
+  for stage, fn in stage_fns:
+    start = time.time()
+    logging.info("stage %s: start", stage)
+    fn(config, workdir)
+    logging.info("stage %s: done in %.1f s", stage, time.time() - start)
+  return 0
+
+
+def run_cli(argv: Sequence[str] | None = None) -> None:
+  """Entry point (also the console script)."""
+  app.run(main, argv=list(argv) if argv is not None else None, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run_cli()

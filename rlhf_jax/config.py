@@ -1,0 +1,392 @@
+"""Config validation: unknown fields, wrong types, impossible combinations.
+
+A run's config is an `ml_collections.ConfigDict` checked against a schema (the
+base config, `experiments/configs/base.py`) before any compute:
+
+  validate_config(config, schema)                       # no device needed
+  validate_config(config, schema, device_count=jax.device_count())
+
+Every failure raises `ConfigError` whose message starts with the full dotted
+field name, e.g. `config.sampling.top_p: must be in (0, 1], got 1.5`.
+
+Impossible combinations are a list of small check functions
+`check(config, device_count) -> None` (`DEFAULT_CHECKS`); a check only looks at
+the fields it knows and skips what the schema does not have, so adding a
+section never breaks an existing check, and adding a rule is adding a function.
+
+This module does not import jax (the command line validates before paying
+for it).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "validate_config",
+    "DEFAULT_CHECKS",
+    "config_to_json",
+    "resolve_mesh_shape",
+    "data_parallel_size",
+    "optimizer_kwargs",
+    "stage_module",
+]
+
+_MISSING = object()
+MESH_AXES = ("data", "fsdp", "tensor")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "sgd")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGS = ("seq_mean_token_mean", "token_mean")
+STRATEGIES = ("none", "best_of_n", "best_random", "best_worst", "top",
+              "top_random", "top_bottom", "pow_k")
+
+
+class ConfigError(ValueError):
+  """An invalid config; `field` is the full dotted name (`config.a.b`)."""
+
+  def __init__(self, field: str, message: str):
+    self.field = field
+    super().__init__(f"{field}: {message}")
+
+
+# --- structure and types ---------------------------------------------------------
+def _type_name(t) -> str:
+  return getattr(t, "__name__", str(t))
+
+
+def _is_instance(value: Any, expected: type) -> bool:
+  """isinstance with the config's conversions: int for float, list for tuple."""
+  if expected is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if expected is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if expected in (tuple, list):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, expected)
+
+
+def _check_value(field: str, value: Any, schema_value: Any, expected: type) -> None:
+  if value is None:
+    if schema_value is None:
+      return  # optional field (placeholder)
+    raise ConfigError(field, f"None is not allowed here (expected {_type_name(expected)})")
+  if expected is type(None):
+    return  # an untyped optional field in the schema accepts any value
+  if not _is_instance(value, expected):
+    raise ConfigError(field, f"expected {_type_name(expected)}, got "
+                      f"{_type_name(type(value))} {value!r}")
+  if expected in (tuple, list) and schema_value:
+    elem_type = type(schema_value[0])
+    for i, item in enumerate(value):
+      if not _is_instance(item, elem_type):
+        raise ConfigError(f"{field}[{i}]", f"expected {_type_name(elem_type)}, "
+                          f"got {_type_name(type(item))} {item!r}")
+
+
+def _check_structure(config: Any, schema: ml_collections.ConfigDict,
+                     prefix: str) -> None:
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    raise ConfigError(prefix, f"expected a section (ConfigDict), got "
+                      f"{_type_name(type(config))} {config!r}")
+  keys = list(config.keys())
+  for key in keys:
+    field = f"{prefix}.{key}"
+    if key not in schema:
+      close = difflib.get_close_matches(str(key), list(schema.keys()), n=1)
+      hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
+      raise ConfigError(field, f"unknown field (not in the schema){hint}")
+    schema_value = schema[key]
+    value = config[key]
+    if isinstance(schema_value, ml_collections.ConfigDict):
+      _check_structure(value, schema_value, field)
+    else:
+      _check_value(field, value, schema_value, schema.get_type(key))
+  for key in schema.keys():
+    if key not in keys:
+      raise ConfigError(f"{prefix}.{key}", "missing field (required by the schema)")
+
+
+# --- helpers shared by checks and callers --------------------------------------
+def _get(config: Any, path: str, default: Any = _MISSING) -> Any:
+  node = config
+  for part in path.split("."):
+    if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+      node = node[part]
+    else:
+      return default
+  return node
+
+
+def resolve_mesh_shape(shape: Sequence[int], device_count: int) -> tuple[int, ...]:
+  """Fills the single -1 entry of `shape` so that its product is `device_count`.
+
+  Raises:
+    ConfigError (field `config.mesh.shape`) if it cannot.
+  """
+  field = "config.mesh.shape"
+  shape = tuple(int(s) for s in shape)
+  if any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(field, f"entries must be positive or -1, got {shape}")
+  if shape.count(-1) > 1:
+    raise ConfigError(field, f"at most one entry may be -1, got {shape}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if device_count % known:
+      raise ConfigError(field, f"{shape}: the fixed entries (product {known}) "
+                        f"do not divide the {device_count} devices")
+    return tuple(device_count // known if s == -1 else s for s in shape)
+  if known != device_count:
+    raise ConfigError(field, f"{shape} has {known} devices but "
+                      f"{device_count} are available")
+  return shape
+
+
+def data_parallel_size(config: Any, device_count: int) -> int:
+  """Size of the batch-sharding axes ("data" × "fsdp") after filling -1."""
+  shape = resolve_mesh_shape(_get(config, "mesh.shape"), device_count)
+  return shape[0] * shape[1]
+
+
+def stage_module(stage: str) -> tuple[str, str]:
+  """`(module, function)` running a stage.
+
+  `"sft"` → `("rlhf_jax.pipelines.sft", "run_sft")`; a custom stage is written
+  `"package.module:function"`.
+  """
+  if ":" in stage:
+    module, fn = stage.split(":", 1)
+    return module, fn
+  return f"rlhf_jax.pipelines.{stage}", f"run_{stage}"
+
+
+def optimizer_kwargs(section: Any) -> dict[str, Any]:
+  """`make_optimizer` keyword arguments from a stage section.
+
+  Args:
+    section: a stage section with an `optimizer` sub-section (and `steps`,
+      used when `optimizer.total_steps` is None).
+
+  Returns:
+    A plain dict for `rlhf_jax.state.make_optimizer(**kwargs)`.
+  """
+  kwargs = dict(section.optimizer.to_dict())
+  if kwargs.get("total_steps") is None:
+    kwargs["total_steps"] = int(section.steps)
+  return kwargs
+
+
+# --- impossible combinations -----------------------------------------------------
+def _require(config, path: str, ok: Callable[[Any], bool], what: str) -> None:
+  value = _get(config, path)
+  if value is _MISSING or value is None:
+    return
+  if not ok(value):
+    raise ConfigError(f"config.{path}", f"{what}, got {value!r}")
+
+
+def _sections(config, prefix="") -> Iterable[tuple[str, Any]]:
+  """Every (dotted path, ConfigDict) below `config`, depth first."""
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      path = f"{prefix}{key}"
+      yield path, value
+      yield from _sections(value, path + ".")
+
+
+def check_mesh(config, device_count: int | None) -> None:
+  names = _get(config, "mesh.axis_names")
+  if names is not _MISSING and tuple(names) != MESH_AXES:
+    raise ConfigError("config.mesh.axis_names", f"must be {MESH_AXES}, got {names!r}")
+  shape = _get(config, "mesh.shape")
+  if shape is _MISSING:
+    return
+  if len(shape) != len(MESH_AXES):
+    raise ConfigError("config.mesh.shape", f"needs {len(MESH_AXES)} entries "
+                      f"{MESH_AXES}, got {tuple(shape)}")
+  if device_count is None:
+    resolve_mesh_shape(shape, math.prod(s for s in shape if s > 0) or 1)
+  else:
+    resolve_mesh_shape(shape, device_count)
+
+
+def check_batch_sizes(config, device_count: int | None) -> None:
+  dp = None
+  if device_count is not None and _get(config, "mesh.shape") is not _MISSING:
+    dp = data_parallel_size(config, device_count)
+  for path, section in _sections(config):
+    for key in section.keys():
+      if not (key == "batch_size" or key.endswith("_batch_size")):
+        continue
+      value = section[key]
+      if value is None:
+        continue
+      field = f"config.{path}.{key}"
+      if value < 1:
+        raise ConfigError(field, f"must be >= 1, got {value}")
+      if dp is not None and value % dp:
+        raise ConfigError(field, f"{value} is not divisible by the data-parallel "
+                          f"size {dp} (mesh data × fsdp on {device_count} devices)")
+
+
+def check_sampling(config, device_count: int | None) -> None:
+  del device_count
+  _require(config, "sampling.temperature", lambda v: v >= 0, "must be >= 0")
+  _require(config, "sampling.top_k", lambda v: v >= 0, "must be >= 0 (0 = off)")
+  _require(config, "sampling.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+  _require(config, "sampling.max_new_tokens", lambda v: v >= 1, "must be >= 1")
+  _require(config, "sampling.num_samples", lambda v: v >= 1, "must be >= 1")
+
+
+def check_stages(config, device_count: int | None) -> None:
+  del device_count
+  stages = _get(config, "stages")
+  if stages is _MISSING:
+    return
+  if not stages:
+    raise ConfigError("config.stages", "must name at least one stage")
+  for i, stage in enumerate(stages):
+    module, _ = stage_module(stage)
+    try:
+      found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+      found = False
+    if not found:
+      raise ConfigError(f"config.stages[{i}]", f"unknown stage {stage!r} "
+                        f"(no module {module})")
+
+
+def check_model(config, device_count: int | None) -> None:
+  del device_count
+  for key in ("max_seq_len", "vocab_size", "d_model", "n_layers", "n_heads",
+              "n_kv_heads", "d_ff"):
+    _require(config, f"model.{key}", lambda v: v >= 1, "must be >= 1")
+  for key in ("dtype", "param_dtype"):
+    _require(config, f"model.{key}", lambda v: v in DTYPES, f"must be one of {DTYPES}")
+  heads, kv = _get(config, "model.n_heads", None), _get(config, "model.n_kv_heads", None)
+  if heads is not None and kv is not None and heads % kv:
+    raise ConfigError("config.model.n_kv_heads", f"n_heads={heads} is not a "
+                      f"multiple of n_kv_heads={kv}")
+
+
+def check_lengths(config, device_count: int | None) -> None:
+  del device_count
+  max_len = _get(config, "model.max_seq_len", None)
+  prompt = _get(config, "task.max_prompt_len", _MISSING)
+  _require(config, "task.max_prompt_len", lambda v: v >= 1, "must be >= 1")
+  _require(config, "task.max_response_len", lambda v: v >= 1, "must be >= 1")
+  if max_len is None or prompt is _MISSING:
+    return
+  for path in ("sampling.max_new_tokens", "task.max_response_len"):
+    extra = _get(config, path, _MISSING)
+    if extra is not _MISSING and prompt + extra > max_len:
+      raise ConfigError(f"config.{path}", f"task.max_prompt_len ({prompt}) + "
+                        f"{path} ({extra}) exceeds model.max_seq_len ({max_len})")
+
+
+def check_optimizers(config, device_count: int | None) -> None:
+  del device_count
+  for path, section in _sections(config):
+    if not path.endswith("optimizer"):
+      continue
+    parent_path = path.rsplit(".", 1)[0] if "." in path else ""
+    parent = _get(config, parent_path) if parent_path else config
+    _require(config, f"{path}.learning_rate", lambda v: v > 0, "must be > 0")
+    _require(config, f"{path}.schedule", lambda v: v in SCHEDULES,
+             f"must be one of {SCHEDULES}")
+    _require(config, f"{path}.name", lambda v: v in OPTIMIZERS,
+             f"must be one of {OPTIMIZERS}")
+    _require(config, f"{path}.warmup_steps", lambda v: v >= 0, "must be >= 0")
+    _require(config, f"{path}.total_steps", lambda v: v >= 1, "must be >= 1")
+    _require(config, f"{path}.end_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    _require(config, f"{path}.weight_decay", lambda v: v >= 0, "must be >= 0")
+    _require(config, f"{path}.grad_clip", lambda v: v >= 0, "must be >= 0 (0 = off)")
+    _require(config, f"{path}.b1", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _require(config, f"{path}.b2", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _require(config, f"{path}.eps", lambda v: v > 0, "must be > 0")
+    warmup = section.get("warmup_steps")
+    total = section.get("total_steps")
+    total_from = f"config.{path}.total_steps"
+    if total is None and isinstance(parent, ml_collections.ConfigDict):
+      total = parent.get("steps")
+      total_from = f"config.{parent_path}.steps"
+    if warmup is not None and total is not None and warmup > total:
+      raise ConfigError(f"config.{path}.warmup_steps", f"{warmup} exceeds the "
+                        f"total steps ({total_from} = {total})")
+
+
+def check_algo(config, device_count: int | None) -> None:
+  del device_count
+  _require(config, "algo.kl_coef", lambda v: v >= 0, "must be >= 0")
+  _require(config, "algo.kl_target", lambda v: v > 0, "must be > 0 (or None = fixed)")
+  _require(config, "algo.kl_horizon", lambda v: v >= 1, "must be >= 1")
+  _require(config, "algo.kl_estimator", lambda v: v in KL_ESTIMATORS,
+           f"must be one of {KL_ESTIMATORS}")
+  _require(config, "algo.clip_eps", lambda v: v > 0, "must be > 0")
+  _require(config, "algo.value_clip_eps", lambda v: v > 0, "must be > 0")
+  _require(config, "algo.gamma", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+  _require(config, "algo.lam", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+  _require(config, "algo.epochs", lambda v: v >= 1, "must be >= 1")
+  _require(config, "algo.minibatches", lambda v: v >= 1, "must be >= 1")
+  _require(config, "algo.strategy", lambda v: v in STRATEGIES,
+           f"must be one of {STRATEGIES}")
+  _require(config, "algo.loss_agg", lambda v: v in LOSS_AGGS,
+           f"must be one of {LOSS_AGGS}")
+  _require(config, "algo.reward_clip", lambda v: v > 0, "must be > 0")
+
+
+def check_loop(config, device_count: int | None) -> None:
+  del device_count
+  for path, section in _sections(config):
+    for key in ("steps", "eval_every", "every_steps", "max_to_keep"):
+      if key in section and section[key] is not None and section[key] < 1:
+        raise ConfigError(f"config.{path}.{key}", f"must be >= 1, got {section[key]}")
+    if "eval_batches" in section and section["eval_batches"] < 0:
+      raise ConfigError(f"config.{path}.eval_batches",
+                        f"must be >= 0, got {section['eval_batches']}")
+
+
+Check = Callable[[ml_collections.ConfigDict, "int | None"], None]
+DEFAULT_CHECKS: tuple[Check, ...] = (
+    check_stages, check_mesh, check_batch_sizes, check_sampling, check_model,
+    check_lengths, check_optimizers, check_algo, check_loop,
+)
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    schema: ml_collections.ConfigDict, *,
+                    device_count: int | None = None,
+                    checks: Sequence[Check] = DEFAULT_CHECKS) -> None:
+  """Raises `ConfigError` naming the first invalid field of `config`.
+
+  Checks, in order: every field exists in `schema` (and every schema field in
+  `config`); each value has the schema default's type (int is accepted for
+  float, list for tuple, None only where the schema default is None, i.e. a
+  `placeholder`); then each function in `checks` (impossible combinations).
+
+  Args:
+    config: the run's config.
+    schema: the base config (`experiments/configs/base.get_base_config()`).
+    device_count: `jax.device_count()`; when None, checks that need the device
+      count (mesh product, batch divisibility) test only what they can.
+    checks: the combination checks; `DEFAULT_CHECKS + (my_check,)` to add one.
+
+  Raises:
+    ConfigError: with `.field` the full dotted field name.
+  """
+  _check_structure(config, schema, "config")
+  for check in checks:
+    check(config, device_count)
+
+
+def config_to_json(config: ml_collections.ConfigDict, *, indent: int = 2) -> str:
+  """The config as sorted, indented JSON (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=indent, sort_keys=True, default=repr)

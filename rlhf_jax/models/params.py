@@ -1,0 +1,63 @@
+"""Creating and converting parameter pytrees (plain dicts of arrays)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import Transformer
+
+
+def _dummy_inputs():
+  return jnp.zeros((1, 8), jnp.int32), jnp.ones((1, 8), jnp.int32)
+
+
+def _boxed_init(cfg: ModelConfig, head: str, rng):
+  return Transformer(cfg, head=head).init(rng, *_dummy_inputs())["params"]
+
+
+def init_params(cfg: ModelConfig, rng, *, head: str = "lm"):
+  """Initialised parameters as a plain pytree (no logical-axis boxes).
+
+  Callers that shard create them with `rlhf_jax.sharding.init_sharded` instead,
+  which jits this function with out_shardings.
+  """
+  return nn.unbox(_boxed_init(cfg, head, rng))
+
+
+def abstract_params(cfg: ModelConfig, *, head: str = "lm"):
+  """ShapeDtypeStructs of the parameters, without allocating them."""
+  return jax.eval_shape(lambda r: init_params(cfg, r, head=head), jax.random.PRNGKey(0))
+
+
+def logical_axes(cfg: ModelConfig, *, head: str = "lm"):
+  """PartitionSpecs of logical axis names, one per parameter (same tree as params)."""
+  boxed = jax.eval_shape(lambda r: _boxed_init(cfg, head, r), jax.random.PRNGKey(0))
+  return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def lm_to_scalar_params(lm_params, cfg: ModelConfig, rng):
+  """Backbone of a language model with a fresh (zero) scalar head: RM/critic init from SFT."""
+  fresh = init_params(cfg, rng, head="scalar")
+  out = {k: v for k, v in lm_params.items() if k != "lm_head"}
+  out["score_head"] = fresh["score_head"]
+  out["score_bias"] = fresh["score_bias"]
+  return out
+
+
+def make_apply_fn(cfg: ModelConfig, *, head: str = "lm") -> Callable:
+  """`apply_fn(params, tokens, mask, **kw) -> (out, cache)` for step factories."""
+  model = Transformer(cfg, head=head)
+
+  def apply_fn(params, tokens_BxT, mask_BxT=None, **kwargs):
+    return model.apply({"params": params}, tokens_BxT, mask_BxT, **kwargs)
+
+  return apply_fn

@@ -1,0 +1,248 @@
+"""Decoder-only Transformer (Llama family) in Flax Linen.
+
+RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention and
+optionally tied embeddings. Every parameter carries logical axis names
+(`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`) that `rlhf_jax.sharding`
+maps onto the mesh. Parameters cross `jit` as plain pytrees.
+
+One module serves every role: `head="lm"` gives next-token logits (policy,
+reference), `head="scalar"` gives one value per token (reward model, critic,
+advantage model) from a linear head on the final hidden state.
+
+Layout conventions
+- tokens_BxT sit in a fixed buffer. Prompts are left-padded, responses
+  right-padded; `mask_BxT` marks real tokens. RoPE positions count real tokens
+  (`cumsum(mask) - 1`), so padding never shifts a position.
+- A KV cache is a dict `{"k", "v"}` of `[L, B, S, Hkv, Dh]` arrays indexed by
+  buffer slot. A call with a cache writes its T tokens at `cache_index` and
+  attends to every valid slot at or before its own (`kv_mask_BxS` marks the
+  valid slots of the whole buffer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+
+Array = jax.Array
+_NEG_INF = -1e30
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, cfg: ModelConfig):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
+
+
+def positions_from_mask(mask_BxT: Array) -> Array:
+  """RoPE position of every slot: the number of real tokens before it."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, theta: float) -> Array:
+  """Rotary embedding, rotate-half convention (as Llama in Hugging Face)."""
+  d = x_BxTxHxD.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxTxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxF)[:, :, None, :]
+  x = x_BxTxHxD.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxHxD.dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones, self.cfg)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
+
+
+def _dense(x, kernel, dtype):
+  """x[..., in] @ kernel[in, ...] on a flattened 2-D view (faster grads on XLA:CPU)."""
+  lead = x.shape[:-1]
+  k2 = kernel.reshape(kernel.shape[0], -1).astype(dtype)
+  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), k2)
+  return y.reshape(*lead, *kernel.shape[1:])
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, layer_cache, cache_index):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(stddev=cfg.dim ** -0.5)
+    wq = _param(self, "wq", (cfg.dim, h, hd), ("embed", "heads", "kv"), init, cfg)
+    wk = _param(self, "wk", (cfg.dim, kvh, hd), ("embed", "heads", "kv"), init, cfg)
+    wv = _param(self, "wv", (cfg.dim, kvh, hd), ("embed", "heads", "kv"), init, cfg)
+    wo = _param(self, "wo", (h, hd, cfg.dim), ("heads", "kv", "embed"),
+                nn.initializers.normal(stddev=(h * hd) ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg)
+
+    q = apply_rope(_dense(x_BxTxD, wq, dt), positions_BxT, cfg.rope_theta)
+    k = apply_rope(_dense(x_BxTxD, wk, dt), positions_BxT, cfg.rope_theta)
+    v = _dense(x_BxTxD, wv, dt)
+
+    new_cache = None
+    if layer_cache is not None:
+      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(dt), v_all.astype(dt)
+
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    q = q.reshape(b, t, kvh, h // kvh, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, :, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
+    y = jnp.dot(out.reshape(b * t, h * hd), wo.reshape(h * hd, cfg.dim).astype(dt)).reshape(b, t, cfg.dim)
+    return y, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt = _dtype(cfg.dtype)
+    init = nn.initializers.normal(stddev=cfg.dim ** -0.5)
+    w_gate = _param(self, "w_gate", (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), init, cfg)
+    w_up = _param(self, "w_up", (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), init, cfg)
+    w_down = _param(self, "w_down", (cfg.mlp_dim, cfg.dim), ("mlp", "embed"),
+                    nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg)
+    hidden = nn.silu(_dense(x, w_gate, dt)) * _dense(x, w_up, dt)
+    return _dense(hidden, w_down, dt)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, attn_bias, cache_index):
+    y, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
+                                                    attn_bias, layer_cache, cache_index)
+    x = x + y
+    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+    return x, new_cache
+
+
+class _ScanBlock(nn.Module):
+  """Block with the (carry, scanned) signature nn.scan expects."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, attn_bias, cache_index):
+    return Block(self.cfg, name="block")(x, layer_cache, positions, attn_bias, cache_index)
+
+
+def attention_bias(mask_BxT: Array, kv_mask_BxS: Optional[Array], cache_index) -> Array:
+  """Additive attention bias: causal over buffer slots and blind to padding.
+
+  Without a cache the keys are the T query tokens; with one they are the S
+  buffer slots and query t sits at slot `cache_index + t`.
+  """
+  t = mask_BxT.shape[1]
+  if kv_mask_BxS is None:
+    q_slot, k_slot, k_valid = jnp.arange(t), jnp.arange(t), mask_BxT
+  else:
+    q_slot = cache_index + jnp.arange(t)
+    k_slot, k_valid = jnp.arange(kv_mask_BxS.shape[1]), kv_mask_BxS
+  allowed = (k_slot[None, None, :] <= q_slot[None, :, None]) & (k_valid[:, None, :] > 0)
+  # A fully masked row (a padding query) would softmax over nothing: let it see itself.
+  if kv_mask_BxS is None:
+    allowed = allowed | jnp.eye(t, dtype=bool)[None]
+  else:
+    allowed = allowed | (k_slot[None, None, :] == q_slot[None, :, None])
+  return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM; `head` is "lm" (logits) or "scalar" (per-token values).
+
+  __call__(tokens_BxT, mask_BxT, *, positions_BxT=None, cache=None,
+           cache_index=0, kv_mask_BxS=None, return_hidden=False)
+    -> (out, new_cache)  where out is logits [B,T,V] (float32 for the lm
+       head... in the compute dtype), values [B,T] (float32), or, with
+       return_hidden, the final normalised hidden states [B,T,D].
+  """
+
+  cfg: ModelConfig
+  head: str = "lm"
+
+  @nn.compact
+  def __call__(self, tokens_BxT, mask_BxT=None, *, positions_BxT=None, cache=None, cache_index=0,
+               kv_mask_BxS=None, return_hidden=False):
+    cfg = self.cfg
+    if self.head not in ("lm", "scalar"):
+      raise ValueError(f"Transformer.head must be 'lm' or 'scalar', got {self.head!r}")
+    if mask_BxT is None:
+      mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    if positions_BxT is None:
+      positions_BxT = positions_from_mask(mask_BxT)
+    if (cache is None) != (kv_mask_BxS is None):
+      raise ValueError("cache and kv_mask_BxS must be given together")
+    dt = _dtype(cfg.dtype)
+
+    embed = _param(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
+                   nn.initializers.normal(stddev=0.02), cfg)
+    x = jnp.take(embed, tokens_BxT, axis=0).astype(dt)
+    bias = attention_bias(mask_BxT, kv_mask_BxS, cache_index)
+
+    if cfg.scan_layers:
+      stack = nn.scan(
+          _ScanBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.n_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+      x, new_cache = stack(x, cache, positions_BxT, bias, cache_index)
+    else:
+      new_layers = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x, lc = Block(cfg, name=f"layer_{i}")(x, layer_cache, positions_BxT, bias, cache_index)
+        new_layers.append(lc)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+
+    h = RMSNorm(cfg, name="final_norm")(x)
+    if return_hidden:
+      return h, new_cache
+    if self.head == "scalar":
+      w = _param(self, "score_head", (cfg.dim, 1), ("embed", None), nn.initializers.zeros, cfg)
+      b = self.param("score_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (1,),
+                     _dtype(cfg.param_dtype))
+      values = jnp.dot(h.reshape(-1, cfg.dim).astype(jnp.float32), w.astype(jnp.float32)) + b.astype(jnp.float32)
+      return values.reshape(h.shape[:2]), new_cache
+    if cfg.tie_embeddings:
+      logits = jnp.dot(h.reshape(-1, cfg.dim), embed.astype(dt).T)
+    else:
+      w = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
+                 nn.initializers.normal(stddev=cfg.dim ** -0.5), cfg)
+      logits = jnp.dot(h.reshape(-1, cfg.dim), w.astype(dt))
+    return logits.reshape(*h.shape[:2], cfg.vocab_size), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
+  """Zeroed KV cache `{"k","v"}: [L, B, S, Hkv, Dh]` in the compute dtype."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  dt = _dtype(cfg.dtype) if dtype is None else dtype
+  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}

@@ -1,0 +1,106 @@
+"""The decoder-only Transformer: shapes, presets, causality, padding, heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import models
+from rlhf_jax.models import get_model_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = get_model_config("tiny")
+  return cfg, models.init_params(cfg, jax.random.PRNGKey(0)), jax.jit(models.make_apply_fn(cfg))
+
+
+def test_preset_sizes_match_issue():
+  tiny, small = get_model_config("tiny"), get_model_config("small")
+  assert 0.5e6 < models.count_params(models.abstract_params(tiny)) == tiny.num_params() < 1.5e6
+  assert 15e6 < models.count_params(models.abstract_params(small)) == small.num_params() < 25e6
+
+
+@pytest.mark.parametrize("preset,expected", [("llama_1b", 1.236e9), ("llama_8b", 8.03e9)])
+def test_llama_shapes_abstract_only(preset, expected):
+  cfg = get_model_config(preset)
+  abstract = models.abstract_params(cfg)  # eval_shape: nothing is allocated
+  n = models.count_params(abstract)
+  assert n == cfg.num_params()
+  assert abs(n - expected) / expected < 0.01
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(abstract))
+
+
+def test_every_parameter_has_logical_axes(tiny):
+  cfg, params, _ = tiny
+  specs = models.logical_axes(cfg)
+  known = {"vocab", "embed", "heads", "kv", "mlp", "layers", None}
+  leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  shapes = jax.tree.leaves(params)
+  assert len(leaves) == len(shapes)
+  for spec, arr in zip(leaves, shapes):
+    assert len(spec) == arr.ndim and set(spec) <= known and any(a is not None for a in spec)
+
+
+def test_causal(tiny):
+  cfg, params, apply = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
+  changed = tokens.at[:, 8:].set(7)
+  a, _ = apply(params, tokens)
+  b, _ = apply(params, changed)
+  np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
+  assert np.abs(np.asarray(a[:, 8:] - b[:, 8:])).max() > 1e-3
+
+
+def test_left_padding_changes_nothing(tiny):
+  cfg, params, apply = tiny
+  seq = jnp.array([[257, 10, 20, 30, 40]])
+  ref, _ = apply(params, seq)
+  padded = jnp.concatenate([jnp.full((1, 3), 256), seq], 1)
+  mask = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+  out, _ = apply(params, padded, mask)
+  np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_and_unrolled_layers_agree(tiny):
+  cfg, params, apply = tiny
+  unrolled_cfg = get_model_config("tiny", scan_layers=False)
+  blocks = params["layers"]["block"]
+  unrolled = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(cfg.n_layers):
+    unrolled[f"layer_{i}"] = jax.tree.map(lambda x: x[i], blocks)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, 256)
+  a, _ = apply(params, tokens)
+  b, _ = jax.jit(models.make_apply_fn(unrolled_cfg))(unrolled, tokens)
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_is_close_to_f32(tiny):
+  cfg, params, apply = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 256)
+  ref, _ = apply(params, tokens)
+  out, _ = jax.jit(models.make_apply_fn(get_model_config("tiny", dtype="bfloat16")))(params, tokens)
+  assert out.dtype == jnp.bfloat16
+  p32 = jax.nn.softmax(ref, -1)
+  p16 = jax.nn.softmax(out.astype(jnp.float32), -1)
+  assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.05
+
+
+def test_scalar_head_from_lm_backbone(tiny):
+  cfg, params, _ = tiny
+  vparams = models.lm_to_scalar_params(params, cfg, jax.random.PRNGKey(4))
+  values, _ = models.make_apply_fn(cfg, head="scalar")(vparams, jnp.ones((3, 7), jnp.int32))
+  assert values.shape == (3, 7) and values.dtype == jnp.float32
+  np.testing.assert_allclose(values, 0.0)  # zero-initialised head: the RM starts at log 2 loss
+  # The backbone is shared: same hidden states as the LM.
+  h_lm, _ = models.make_apply_fn(cfg)(params, jnp.ones((3, 7), jnp.int32), return_hidden=True)
+  h_v, _ = models.make_apply_fn(cfg, head="scalar")(vparams, jnp.ones((3, 7), jnp.int32), return_hidden=True)
+  np.testing.assert_allclose(h_lm, h_v)
+
+
+def test_bad_config_names_the_field():
+  with pytest.raises(ValueError, match="n_kv_heads"):
+    get_model_config("tiny", n_kv_heads=3)
+  with pytest.raises(ValueError, match="unknown model preset"):
+    get_model_config("huge")
