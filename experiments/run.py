@@ -194,6 +194,9 @@ def main(argv: Sequence[str]) -> int:
   except (ConfigError, UsageError) as e:
     _fail(f"invalid config: {e}")
 
+  # Orbax logs every checkpoint step at INFO; keep the console for progress bars.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if is_multihost(_MULTIHOST.value):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
@@ -208,6 +211,8 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     _write_atomic(os.path.join(workdir, "config.json"), config_to_json(config) + "\n")
+  print(f"[run] config {name}, workdir {workdir}, {jax.process_count()} process(es), "
+        f"{jax.device_count()} device(s), stages {[s for s, _ in stage_fns]}", flush=True)
   logging.info("config %s, workdir %s, %d processes, %d devices, stages %s",
                name, workdir, jax.process_count(), jax.device_count(),
                [s for s, _ in stage_fns])
@@ -215,7 +220,7 @@ def main(argv: Sequence[str]) -> int:
     start = time.time()
     logging.info("stage %s: start", stage)
     fn(config, workdir)
-    logging.info("stage %s: done in %.1f s", stage, time.time() - start)
+    print(f"[run] stage {stage}: done in {time.time() - start:.1f} s", flush=True)
   return 0
 
 

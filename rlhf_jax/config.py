@@ -20,6 +20,7 @@ for it).
 from __future__ import annotations
 
 import difflib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -266,20 +267,38 @@ def check_stages(config, device_count: int | None) -> None:
 
 def check_model(config, device_count: int | None) -> None:
   del device_count
-  for key in ("max_seq_len", "vocab_size", "d_model", "n_layers", "n_heads",
-              "n_kv_heads", "d_ff"):
+  for key in ("max_seq_len", "vocab_size", "dim", "n_layers", "n_heads",
+              "n_kv_heads", "mlp_dim"):
     _require(config, f"model.{key}", lambda v: v >= 1, "must be >= 1")
   for key in ("dtype", "param_dtype"):
     _require(config, f"model.{key}", lambda v: v in DTYPES, f"must be one of {DTYPES}")
-  heads, kv = _get(config, "model.n_heads", None), _get(config, "model.n_kv_heads", None)
-  if heads is not None and kv is not None and heads % kv:
-    raise ConfigError("config.model.n_kv_heads", f"n_heads={heads} is not a "
-                      f"multiple of n_kv_heads={kv}")
+  preset = _get(config, "model.preset", _MISSING)
+  if preset is _MISSING:
+    return
+  from rlhf_jax.models.config import ModelConfig, PRESETS  # pylint: disable=import-outside-toplevel
+  if preset not in PRESETS:
+    raise ConfigError("config.model.preset", f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+  overrides = {f.name: _get(config, f"model.{f.name}", None) for f in dataclasses.fields(ModelConfig)}
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  try:
+    dataclasses.replace(PRESETS[preset], **overrides)
+  except ValueError as e:
+    field = next((k for k in overrides if f".{k}" in str(e)), "preset")
+    raise ConfigError(f"config.model.{field}", str(e)) from None
+
+
+def _max_seq_len(config) -> int | None:
+  max_len = _get(config, "model.max_seq_len", None)
+  if max_len is not None:
+    return max_len
+  preset = _get(config, "model.preset", None)
+  from rlhf_jax.models.config import PRESETS  # pylint: disable=import-outside-toplevel
+  return PRESETS[preset].max_seq_len if preset in PRESETS else None
 
 
 def check_lengths(config, device_count: int | None) -> None:
   del device_count
-  max_len = _get(config, "model.max_seq_len", None)
+  max_len = _max_seq_len(config)
   prompt = _get(config, "task.max_prompt_len", _MISSING)
   _require(config, "task.max_prompt_len", lambda v: v >= 1, "must be >= 1")
   _require(config, "task.max_response_len", lambda v: v >= 1, "must be >= 1")
@@ -289,7 +308,7 @@ def check_lengths(config, device_count: int | None) -> None:
     extra = _get(config, path, _MISSING)
     if extra is not _MISSING and prompt + extra > max_len:
       raise ConfigError(f"config.{path}", f"task.max_prompt_len ({prompt}) + "
-                        f"{path} ({extra}) exceeds model.max_seq_len ({max_len})")
+                        f"{path} ({extra}) exceeds the model's max_seq_len ({max_len})")
 
 
 def check_optimizers(config, device_count: int | None) -> None:

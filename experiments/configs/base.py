@@ -50,11 +50,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Overrides of the preset's shape; None keeps the preset's value.
   config.model.max_seq_len = placeholder(int)
   config.model.vocab_size = placeholder(int)
-  config.model.d_model = placeholder(int)
+  config.model.dim = placeholder(int)
   config.model.n_layers = placeholder(int)
   config.model.n_heads = placeholder(int)
   config.model.n_kv_heads = placeholder(int)
-  config.model.d_ff = placeholder(int)
+  config.model.mlp_dim = placeholder(int)
 
   # --- task / data --------------------------------------------------------------
   config.task = ml_collections.ConfigDict()

@@ -1,0 +1,123 @@
+"""Sampler throughput: rlhf_jax.sampling.Sampler against Hugging Face `generate`.
+
+Both sides generate exactly `--new-tokens` tokens for `--batch` prompts of
+`--prompt-len` random tokens (EOS disabled, KV cache on), from a model with the
+same shapes (our preset; an HF LlamaForCausalLM built from a matching local
+LlamaConfig with random weights), on `--threads` threads, greedy and with
+temperature sampling (temperature 1, no top-k/top-p on either side). The
+reported time is the median of `--repeats` warm calls; our compile time (the
+first call minus a warm one) is reported separately.
+
+    .venv-bench/bin/python experiments/benchmarks/sampler_throughput.py            # both sides
+    .venv/bin/python experiments/benchmarks/sampler_throughput.py --presets tiny   # ours only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from experiments.benchmarks import _common
+
+
+def parse_args():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--presets", default="tiny,small", help="comma-separated model presets")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--prompt-len", type=int, default=16)
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy")
+  ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--dtype", default="float32", help="our compute dtype (params stay float32)")
+  ap.add_argument("--no-torch", action="store_true", help="skip the Hugging Face peer")
+  return ap.parse_args()
+
+
+def bench_ours(cfg, prompt, temperature, args):
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax import models, sampling
+
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, temperature=temperature)
+  # eos_id outside the vocabulary: every row generates all new tokens, as on the HF side.
+  sampler = sampling.Sampler(cfg, sp, eos_id=-1, pad_id=0)
+  tokens = jnp.asarray(prompt, jnp.int32)
+  mask = jnp.ones_like(tokens)
+  keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
+
+  def call():
+    out = sampler(params, tokens, mask, next(keys))
+    jax.block_until_ready(out.completion_tokens)
+    return out
+
+  t0 = time.perf_counter()
+  out = call()
+  first = time.perf_counter() - t0
+  assert out.completion_tokens.shape == (args.batch, args.new_tokens)
+  assert int(out.lengths.min()) == args.new_tokens, "EOS must be disabled"
+  median, _ = _common.time_calls(call, warmup=args.warmup, repeats=args.repeats)
+  assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts
+  return median, max(first - median, 0.0)
+
+
+def bench_hf(cfg, prompt, temperature, args, torch):
+  model = _common.hf_llama(cfg, torch).eval()
+  ids = torch.as_tensor(prompt, dtype=torch.long)
+  attn = torch.ones_like(ids)
+  kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
+            eos_token_id=None, pad_token_id=0)
+  if temperature > 0:
+    kw.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+  else:
+    kw.update(do_sample=False)
+  gen = iter(range(1000))
+
+  def call():
+    torch.manual_seed(next(gen))
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=attn, **kw)
+    assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+    return out
+
+  median, _ = _common.time_calls(call, warmup=args.warmup, repeats=args.repeats)
+  return median
+
+
+def main():
+  args = parse_args()
+  _common.set_threads(args.threads)
+  import numpy as np
+  from rlhf_jax import models
+
+  torch, why = (None, "--no-torch") if args.no_torch else _common.try_import_torch(args.threads)
+  import jax
+  print(f"# sampler throughput: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}"
+        + (f", torch {torch.__version__}" if torch else f", HF peer skipped: {why}"))
+  print(f"# load average at start: {_common.load_average()}")
+  rows = []
+  for preset in args.presets.split(","):
+    cfg = models.get_model_config(preset, dtype=args.dtype)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt_len))
+    n_new = args.batch * args.new_tokens
+    for temperature in (float(t) for t in args.temperatures.split(",")):
+      ours_s, compile_s = bench_ours(cfg, prompt, temperature, args)
+      hf_s = bench_hf(cfg, prompt, temperature, args, torch) if torch else None
+      mode = "greedy" if temperature == 0 else f"T={temperature:g}"
+      rows.append([preset, mode, f"{n_new / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}", f"{compile_s:.1f}",
+                   f"{n_new / hf_s:,.0f}" if hf_s else "n/a", f"{hf_s * 1e3:,.0f}" if hf_s else "n/a",
+                   f"{hf_s / ours_s:.2f}x" if hf_s else "n/a"])
+      print(f"#   {preset} {mode}: ours {ours_s * 1e3:.0f} ms"
+            + (f", HF {hf_s * 1e3:.0f} ms" if hf_s else ""), file=sys.stderr, flush=True)
+  print(_common.markdown_table(
+      ["model", "mode", "ours tok/s", "ours ms", "ours compile s", "HF generate tok/s", "HF ms", "speed-up"], rows))
+  print(f"# load average at end: {_common.load_average()}")
+
+
+if __name__ == "__main__":
+  main()

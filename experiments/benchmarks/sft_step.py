@@ -1,0 +1,168 @@
+"""SFT update step (forward + backward + AdamW): rlhf_jax against torch eager.
+
+Our side is `rlhf_jax.steps.make_sft_step` jitted once with the state donated,
+AdamW from `rlhf_jax.state.make_optimizer` (global-norm clip 1, weight decay
+0.01). The peer is an HF LlamaForCausalLM with the same shapes: logits over the
+same `--seq-len` input positions, float32 cross-entropy against the next token,
+`backward`, `clip_grad_norm_(1)`, `torch.optim.AdamW` (same betas, eps, decay).
+Every one of the B·T positions is a trained token on both sides.
+
+FLOPs are counted analytically and identically for both sides:
+  6 · N_matmul · B·T  +  12 · L · T² · D · B
+(N_matmul = every weight used in a matmul, the tied LM head included, the
+embedding gather not; the attention term counts the full T×T score and
+value products, forward + 2× backward, without halving for causality). XLA's
+own `cost_analysis()` count for the compiled step is printed alongside.
+The matmul peak is measured in the same run: 2048² float32 with numpy and
+jax.numpy, and 2048² bfloat16 with jax.numpy.
+
+    .venv-bench/bin/python experiments/benchmarks/sft_step.py                 # both sides
+    .venv-bench/bin/python experiments/benchmarks/sft_step.py --torch-compile # + torch.compile
+    .venv/bin/python experiments/benchmarks/sft_step.py --no-torch            # ours only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from experiments.benchmarks import _common
+
+
+def parse_args():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--presets", default="tiny,small", help="comma-separated model presets")
+  ap.add_argument("--batch", type=int, default=32)
+  ap.add_argument("--seq-len", type=int, default=128, help="input positions per sequence (all trained)")
+  ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--dtype", default="float32", help="our compute dtype (params and Adam stay float32)")
+  ap.add_argument("--matmul-size", type=int, default=2048)
+  ap.add_argument("--no-torch", action="store_true", help="skip the torch peer")
+  ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model) (slow to build)")
+  return ap.parse_args()
+
+
+def model_flops(cfg, batch: int, seq: int) -> float:
+  d, hd = cfg.dim, cfg.head_dim
+  per_layer = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + 3 * d * cfg.mlp_dim
+  n_matmul = cfg.n_layers * per_layer + d * cfg.vocab_size
+  return 6.0 * n_matmul * batch * seq + 12.0 * cfg.n_layers * seq * seq * d * batch
+
+
+def matmul_peaks(n: int, repeats: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  flops = 2.0 * n ** 3
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+  out = {"numpy f32": flops / _common.time_calls(lambda: a @ b, warmup=1, repeats=repeats)[0]}
+  mm = jax.jit(jnp.dot)
+  for name, dt in (("jnp f32", jnp.float32), ("jnp bf16", jnp.bfloat16)):
+    x, y = jnp.asarray(a, dt), jnp.asarray(b, dt)
+    out[name] = flops / _common.time_calls(lambda: mm(x, y).block_until_ready(), warmup=1, repeats=repeats)[0]
+  return out
+
+
+def bench_ours(cfg, tokens, args):
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax import models, state as state_lib
+  from rlhf_jax.steps.sft import make_sft_step
+
+  opt = state_lib.make_optimizer(learning_rate=1e-4, schedule="constant", total_steps=10_000, b1=0.9, b2=0.95,
+                                 eps=1e-8, weight_decay=0.01, grad_clip=1.0)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  st = state_lib.create_train_state(params, opt, jax.random.PRNGKey(1))
+  tok = jnp.asarray(tokens, jnp.int32)             # [B, T+1]: T inputs, T targets
+  batch = {"tokens": tok, "mask": jnp.ones_like(tok), "loss_mask": jnp.ones_like(tok)}
+  step = jax.jit(make_sft_step(models.make_apply_fn(cfg), opt), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(st, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  holder = {"st": st}
+
+  def call():
+    holder["st"], m = compiled(holder["st"], batch)
+    jax.block_until_ready(m["train/loss"])
+
+  median, _ = _common.time_calls(call, warmup=args.warmup, repeats=args.repeats)
+  return median, compile_s, xla_flops
+
+
+def bench_torch(cfg, tokens, args, torch, *, compile_model: bool):
+  import torch.nn.functional as F
+  model = _common.hf_llama(cfg, torch).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+  tok = torch.as_tensor(tokens, dtype=torch.long)
+  inputs, targets = tok[:, :-1].contiguous(), tok[:, 1:].contiguous()
+  fwd = torch.compile(model) if compile_model else model
+
+  def call():
+    opt.zero_grad(set_to_none=True)
+    logits = fwd(input_ids=inputs).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+  t0 = time.perf_counter()
+  call()
+  first = time.perf_counter() - t0
+  median, _ = _common.time_calls(call, warmup=args.warmup, repeats=args.repeats)
+  return median, max(first - median, 0.0)
+
+
+def main():
+  args = parse_args()
+  _common.set_threads(args.threads)
+  import numpy as np
+  from rlhf_jax import models
+
+  torch, why = (None, "--no-torch") if args.no_torch else _common.try_import_torch(args.threads)
+  import jax
+  print(f"# SFT step: batch {args.batch} x {args.seq_len} tokens, our dtype {args.dtype}, threads {args.threads} "
+        f"(cpu_count {os.cpu_count()}), jax {jax.__version__}"
+        + (f", torch {torch.__version__}" if torch else f", torch peer skipped: {why}"))
+  print(f"# load average at start: {_common.load_average()}")
+  peaks = matmul_peaks(args.matmul_size, args.repeats)
+  print(_common.markdown_table([f"matmul {args.matmul_size}² peak", "GFLOP/s"],
+                               [[k, f"{v / 1e9:,.1f}"] for k, v in peaks.items()]))
+  f32_peak = max(peaks["numpy f32"], peaks["jnp f32"])
+  rows = []
+  for preset in args.presets.split(","):
+    cfg = models.get_model_config(preset, dtype=args.dtype)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(args.batch, args.seq_len + 1))
+    n_tok = args.batch * args.seq_len
+    flops = model_flops(cfg, args.batch, args.seq_len)
+    ours_s, compile_s, xla_flops = bench_ours(cfg, tokens, args)
+    row = [preset, f"{cfg.num_params() / 1e6:.2f}M", f"{n_tok / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}",
+           f"{flops / ours_s / 1e9:,.1f}", f"{flops / ours_s / f32_peak:.0%}", f"{xla_flops / flops:.2f}",
+           f"{compile_s:.1f}"]
+    msg = f"#   {preset}: ours {ours_s * 1e3:.0f} ms"
+    for compile_model in ((False, True) if args.torch_compile else (False,)):
+      if torch is None:
+        row += ["n/a", "n/a"]
+        continue
+      t_s, _ = bench_torch(cfg, tokens, args, torch, compile_model=compile_model)
+      row += [f"{n_tok / t_s:,.0f}", f"{t_s / ours_s:.2f}x"]
+      msg += f", torch{' compile' if compile_model else ''} {t_s * 1e3:.0f} ms"
+    print(msg, file=sys.stderr, flush=True)
+    rows.append(row)
+  header = ["model", "params", "ours tok/s", "ours ms", "ours GFLOP/s", "of f32 peak", "XLA/analytic FLOPs",
+            "compile s", "torch eager tok/s", "speed-up vs eager"]
+  if args.torch_compile:
+    header += ["torch.compile tok/s", "speed-up vs compile"]
+  print(_common.markdown_table(header, rows))
+  print(f"# load average at end: {_common.load_average()}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,48 @@
+"""Supervised fine-tuning step: next-token NLL on response tokens only."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from rlhf_jax import losses
+from rlhf_jax.state import TrainState, apply_gradients
+
+
+def sft_logits_targets(apply_fn: Callable, params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Logits predicting tokens[:, 1:], the targets and the response mask."""
+  tokens, mask = batch["tokens"], batch["mask"]
+  logits, _ = apply_fn(params, tokens[:, :-1], mask[:, :-1])
+  return logits, tokens[:, 1:], batch["loss_mask"][:, 1:]
+
+
+def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+  """`step(state, batch) -> (state, metrics)` for batches from `tokenizer.encode_pairs`.
+
+  batch: tokens, mask, loss_mask, each [B, L] int32 (prompt left-padded,
+  response right-padded; loss_mask marks response tokens incl. EOS).
+  """
+
+  def loss_fn(params, batch):
+    logits, targets, loss_mask = sft_logits_targets(apply_fn, params, batch)
+    return losses.sft_loss(logits, targets, loss_mask)
+
+  def step(state: TrainState, batch: dict):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    new_state = apply_gradients(state, grads, optimizer)
+    metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return step
+
+
+def make_sft_eval_step(apply_fn: Callable) -> Callable:
+  """`eval_step(params, batch) -> metrics` (same loss, no update)."""
+
+  def eval_step(params, batch):
+    logits, targets, loss_mask = sft_logits_targets(apply_fn, params, batch)
+    return losses.sft_loss(logits, targets, loss_mask)[1]
+
+  return eval_step

@@ -1,0 +1,138 @@
+"""The jitted KV-cache sampler against full forward passes of the same model."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import losses, models
+from rlhf_jax.sampling import Sampler, SamplingParams, filter_logits, generate
+from rlhf_jax.tokenizer import ByteTokenizer, encode_prompts
+
+TOK = ByteTokenizer()
+PROMPTS = ["hello", "a much longer prompt, left-padded", "x"]
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = models.get_model_config("tiny")
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  # Sharpen the random model so greedy decoding is not decided by float noise.
+  params = jax.tree.map(lambda x: x * 3.0 if x.ndim >= 2 else x, params)
+  return cfg, params, jax.jit(models.make_apply_fn(cfg))
+
+
+def _recompute_logprobs(apply, params, out, prompt_len):
+  logits, _ = apply(params, out.tokens, out.mask)
+  lp = losses.token_logprobs(logits[:, prompt_len - 1:-1], out.completion_tokens)
+  return logits, lp * out.completion_mask
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(max_new_tokens=12, temperature=1.0, num_samples=2),
+    SamplingParams(max_new_tokens=12, temperature=0.7, top_k=20, top_p=0.9, num_samples=3),
+])
+def test_logprobs_equal_full_forward(model, sp):
+  cfg, params, apply = model
+  pt, pm = encode_prompts(TOK, PROMPTS, 24)
+  out = Sampler(cfg, sp, eos_id=TOK.eos_id, pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(1))
+  assert out.tokens.shape == (3 * sp.num_samples, 24 + 12)
+  _, lp = _recompute_logprobs(apply, params, out, 24)
+  np.testing.assert_allclose(out.completion_logprobs, lp, atol=1e-4)
+  # the N samples of a prompt share its tokens and differ in their completions
+  np.testing.assert_array_equal(out.tokens[0, :24], out.tokens[sp.num_samples - 1, :24])
+  assert not np.array_equal(out.completion_tokens[0], out.completion_tokens[1])
+
+
+def test_greedy_is_argmax_of_full_forward(model):
+  cfg, params, apply = model
+  pt, pm = encode_prompts(TOK, PROMPTS, 24)
+  out = Sampler(cfg, SamplingParams(max_new_tokens=10, temperature=0.0), eos_id=TOK.eos_id,
+                pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(1))
+  logits, _ = _recompute_logprobs(apply, params, out, 24)
+  greedy = jnp.argmax(logits[:, 23:-1], -1)
+  np.testing.assert_array_equal(np.where(out.completion_mask, greedy, -1),
+                                np.where(out.completion_mask, out.completion_tokens, -1))
+
+
+def test_left_padding_changes_nothing(model):
+  cfg, params, _ = model
+  sp = SamplingParams(max_new_tokens=8, temperature=1.0)
+  outs = []
+  for width in (8, 20):
+    pt, pm = encode_prompts(TOK, ["hello"], width)
+    outs.append(Sampler(cfg, sp, eos_id=TOK.eos_id, pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(3)))
+  np.testing.assert_array_equal(outs[0].completion_tokens, outs[1].completion_tokens)
+  np.testing.assert_allclose(outs[0].completion_logprobs, outs[1].completion_logprobs, atol=1e-5)
+
+
+def test_eos_ends_a_row(model):
+  cfg, params, _ = model
+  pt, pm = encode_prompts(TOK, PROMPTS, 24)
+  greedy = Sampler(cfg, SamplingParams(max_new_tokens=10, temperature=0.0), eos_id=TOK.eos_id,
+                   pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(0))
+  eos = int(greedy.completion_tokens[0, 3])  # pretend this token is EOS
+  out = Sampler(cfg, SamplingParams(max_new_tokens=10, temperature=0.0), eos_id=eos,
+                pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(0))
+  for row in range(3):
+    toks = np.asarray(greedy.completion_tokens[row])
+    hits = np.flatnonzero(toks == eos)
+    expected_len = hits[0] + 1 if hits.size else 10
+    assert int(out.lengths[row]) == expected_len
+    assert np.all(np.asarray(out.completion_mask[row, expected_len:]) == 0)
+    assert np.all(np.asarray(out.completion_tokens[row, expected_len:]) == TOK.pad_id)
+    np.testing.assert_array_equal(out.completion_tokens[row, :expected_len], toks[:expected_len])
+  assert int(out.lengths[0]) == 4
+
+
+def test_one_compilation_for_many_batches(model):
+  cfg, params, _ = model
+  sampler = Sampler(cfg, SamplingParams(max_new_tokens=6), eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+  for i, prompts in enumerate([PROMPTS, ["a", "bb", "ccc"], ["zz", "y", "hello world"]]):
+    pt, pm = encode_prompts(TOK, prompts, 16)
+    jax.block_until_ready(sampler(params, pt, pm, jax.random.PRNGKey(i)))
+  assert sampler.trace_counts == {"prefill": 1, "decode": 1}
+
+
+def test_top_k_one_is_greedy(model):
+  cfg, params, _ = model
+  pt, pm = encode_prompts(TOK, PROMPTS, 16)
+  kw = dict(cfg=cfg, max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+  a = generate(params, pt, pm, jax.random.PRNGKey(5), temperature=1.0, top_k=1, **kw)
+  b = generate(params, pt, pm, jax.random.PRNGKey(6), temperature=0.0, **kw)
+  np.testing.assert_array_equal(a.completion_tokens, b.completion_tokens)
+
+
+def test_filter_logits_nucleus_and_top_k():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = lambda x: np.asarray(x[0] > -1e30)
+  np.testing.assert_array_equal(kept(filter_logits(logits, top_p=0.7)), [True, True, False, False])
+  np.testing.assert_array_equal(kept(filter_logits(logits, top_p=0.5)), [True, False, False, False])
+  np.testing.assert_array_equal(kept(filter_logits(logits, top_p=0.81)), [True, True, True, False])
+  np.testing.assert_array_equal(kept(filter_logits(logits, top_k=3)), [True, True, True, False])
+
+
+def test_sampling_frequencies_match_the_model():
+  """Temperature-1 samples follow softmax(logits): first-token frequencies over many rows."""
+  cfg = models.get_model_config("tiny", vocab_size=260)
+  params = models.init_params(cfg, jax.random.PRNGKey(1))
+  params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, params)
+  pt, pm = encode_prompts(TOK, ["q"], 4)
+  out = Sampler(cfg, SamplingParams(max_new_tokens=1, num_samples=4000), eos_id=TOK.eos_id,
+                pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(2))
+  logits, _ = models.make_apply_fn(cfg)(params, jnp.asarray(pt), jnp.asarray(pm))
+  probs = np.asarray(jax.nn.softmax(logits[0, -1]))
+  freq = np.bincount(np.asarray(out.completion_tokens[:, 0]), minlength=cfg.vocab_size) / 4000
+  top = np.argsort(probs)[-5:]
+  tolerance = 4 * np.sqrt(probs[top] * (1 - probs[top]) / 4000) + 1e-3  # 4 binomial standard errors
+  assert np.all(np.abs(freq[top] - probs[top]) <= tolerance), (freq[top], probs[top])
+
+
+def test_bad_shapes_are_named(model):
+  cfg, params, _ = model
+  sampler = Sampler(cfg, SamplingParams(max_new_tokens=4), eos_id=TOK.eos_id, pad_id=TOK.pad_id)
+  with pytest.raises(ValueError, match="prompt_mask"):
+    sampler(params, np.zeros((2, 5), np.int32), np.zeros((2, 6), np.int32), jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(max_new_tokens=4, top_p=0.0)
