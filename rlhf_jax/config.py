@@ -362,6 +362,44 @@ def check_algo(config, device_count: int | None) -> None:
   _require(config, "algo.reward_clip", lambda v: v > 0, "must be > 0")
 
 
+_KEEP_PER_PROMPT = {"best_of_n": 1, "best_random": 2, "best_worst": 2}
+
+
+def check_ppo(config, device_count: int | None) -> None:
+  """PPO shapes that must divide, thresholds the strategy needs, the task the RL stages grade."""
+  stages = tuple(_get(config, "stages", ()))
+  p_count = _get(config, "ppo.prompts_per_iteration", None)
+  n = _get(config, "ppo.samples_per_prompt", None)
+  if p_count is None or n is None:
+    return
+  _require(config, "ppo.prompts_per_iteration", lambda v: v >= 1, "must be >= 1")
+  _require(config, "ppo.samples_per_prompt", lambda v: v >= 1, "must be >= 1")
+  _require(config, "ppo.iterations", lambda v: v >= 1, "must be >= 1")
+  strategy = _get(config, "algo.strategy", "none")
+  keep = _KEEP_PER_PROMPT.get(strategy, n) if strategy in _KEEP_PER_PROMPT else n
+  keep = min(keep, n)
+  minibatches = _get(config, "algo.minibatches", 1)
+  if (p_count * keep) % minibatches:
+    raise ConfigError("config.algo.minibatches", f"{minibatches} minibatches do not divide the "
+                      f"{p_count * keep} rows of a PPO update (ppo.prompts_per_iteration={p_count} × "
+                      f"{keep} kept per prompt by strategy {strategy!r})")
+  if strategy in ("best_random", "best_worst") and n < 2:
+    raise ConfigError("config.ppo.samples_per_prompt", f"strategy {strategy!r} needs at least 2 samples per prompt")
+  if strategy in ("top", "top_random", "top_bottom") and _get(config, "ppo.threshold", None) is None:
+    raise ConfigError("config.ppo.threshold", f"strategy {strategy!r} needs a threshold")
+  if strategy == "top_bottom" and _get(config, "ppo.lower_threshold", None) is None:
+    raise ConfigError("config.ppo.lower_threshold", "strategy 'top_bottom' needs a lower threshold")
+  if device_count is not None and _get(config, "mesh.shape") is not _MISSING:
+    dp = data_parallel_size(config, device_count)
+    for path, rows in (("ppo.rollout_batch", _get(config, "ppo.rollout_batch", 1)),
+                       ("ppo.prompts_per_iteration", p_count)):
+      if rows % dp:
+        raise ConfigError(f"config.{path}", f"{rows} is not divisible by the data-parallel size {dp}")
+  if any(s in ("rm", "ppo") for s in stages) and _get(config, "task.name", None) != "minicode":
+    raise ConfigError("config.task.name", "the rm and ppo stages grade MiniCode programs in the sandbox; "
+                      "set task.name='minicode'")
+
+
 def check_loop(config, device_count: int | None) -> None:
   del device_count
   for path, section in _sections(config):
@@ -376,7 +414,7 @@ def check_loop(config, device_count: int | None) -> None:
 Check = Callable[[ml_collections.ConfigDict, "int | None"], None]
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_stages, check_mesh, check_batch_sizes, check_sampling, check_model,
-    check_lengths, check_optimizers, check_algo, check_loop,
+    check_lengths, check_optimizers, check_algo, check_ppo, check_loop,
 )
 
 

@@ -45,6 +45,24 @@ def time_calls(fn: Callable[[], object], *, warmup: int, repeats: int) -> tuple[
   return statistics.median(times), times
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int) -> dict[str, float]:
+  """Median seconds of each blocking `fn()`, timing them in turns (a, b, a, b, ...).
+
+  Alternating the sides spreads the drift of a shared machine's load evenly
+  over them, instead of handing one side a quiet minute and the other a busy one.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def try_import_torch(threads: int):
   """torch and transformers' Llama, or (None, reason) when the bench venv is not used."""
   try:

@@ -63,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.task.seed = 0
   config.task.max_prompt_len = 128
   config.task.max_response_len = 128
+  config.task.difficulties = (1, 2, 3)  # MiniCode levels used (problems longer than the lengths are skipped)
   config.task.num_train = 10_000
   config.task.num_eval = 500
 
@@ -86,6 +87,44 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sft.eval_every = 100
   config.sft.eval_batches = 4
   config.sft.optimizer = optimizer_config(**config.optimizer.to_dict())
+
+  # Reward model: pairs from the SFT policy's samples, labelled by the sandbox.
+  config.rm = ml_collections.ConfigDict()
+  config.rm.num_prompts = 256          # MiniCode train prompts sampled for pairs
+  config.rm.samples_per_prompt = 8     # SFT samples per prompt (temperature sampling.temperature)
+  config.rm.max_pairs_per_prompt = 4   # (passing, failing) pairs kept per prompt
+  config.rm.include_canonical = False  # also grade each prompt's canonical solution as a candidate
+  config.rm.eval_fraction = 0.2        # prompts held out for pairwise accuracy / calibration
+  config.rm.steps = 200
+  config.rm.batch_size = 16
+  config.rm.margin = placeholder(float)
+  config.rm.optimizer = optimizer_config(**config.optimizer.to_dict())
+
+  # PPO / PF-PPO: actor = SFT policy, reference = SFT (frozen), critic = RM.
+  config.ppo = ml_collections.ConfigDict()
+  config.ppo.iterations = 20
+  config.ppo.prompts_per_iteration = 16   # P; PPO-S uses P·N prompts with 1 sample each
+  config.ppo.samples_per_prompt = 5       # N (the paper's 5)
+  config.ppo.eval_every = 5               # iterations between greedy pass@1 evaluations
+  config.ppo.eval_problems = 128          # MiniCode test problems for pass@1 (0 = all)
+  config.ppo.r2_bins = 10
+  config.ppo.rollout_batch = 16           # prompts per sampler call
+  config.ppo.entropy_coef = 0.0
+  config.ppo.threshold = placeholder(float)        # top / top_random / top_bottom (normalised reward)
+  config.ppo.lower_threshold = placeholder(float)  # top_bottom
+  config.ppo.pow_k = 2.0                           # pow_k exponent
+  config.ppo.actor_optimizer = optimizer_config(learning_rate=1e-5, schedule="constant", grad_clip=1.0)
+  config.ppo.critic_optimizer = optimizer_config(learning_rate=1e-4, schedule="constant", grad_clip=1.0)
+
+  # Evaluation stage (eval.py): a policy checkpoint on a task.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.params_dir = ""     # "" = the latest policy in the workdir (ppo/final, else sft/final)
+  config.eval.task = "minicode"   # minicode | humaneval | instructions
+  config.eval.split = "test"
+  config.eval.num_problems = 0    # 0 = all
+  config.eval.num_samples = 1     # > 1 samples at sampling.temperature for pass@k
+  config.eval.ks = (1,)
+  config.eval.batch_size = 32
 
   # --- algorithm (RL stages extend this section) --------------------------------
   config.algo = ml_collections.ConfigDict()

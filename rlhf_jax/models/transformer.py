@@ -82,7 +82,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, layer_cache, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, cache, cache_index, layer):
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -97,22 +97,25 @@ class Attention(nn.Module):
     k = apply_rope(_dense(x_BxTxD, wk, dt), positions_BxT, cfg.rope_theta)
     v = _dense(x_BxTxD, wv, dt)
 
-    new_cache = None
-    if layer_cache is not None:
-      k_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, axis=1)
-      new_cache = {"k": k_all, "v": v_all}
-      k, v = k_all.astype(dt), v_all.astype(dt)
+    if cache is not None:
+      # `cache` is the whole [L, B, S, Hkv, Dh] stack: writing only this layer's
+      # T new slots into it (rather than slicing the layer out and stacking the
+      # layers back) lets XLA update the loop-carried buffer in place, so a
+      # decode step moves O(T) cache bytes instead of copying the whole cache.
+      at = (layer, 0, cache_index, 0, 0)
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
+      k = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False).astype(dt)
+      v = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False).astype(dt)
 
     b, t = q.shape[:2]
-    s = k.shape[1]
     q = q.reshape(b, t, kvh, h // kvh, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, :, :]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, hd)
     y = jnp.dot(out.reshape(b * t, h * hd), wo.reshape(h * hd, cfg.dim).astype(dt)).reshape(b, t, cfg.dim)
-    return y, new_cache
+    return y, cache
 
 
 class MLP(nn.Module):
@@ -135,21 +138,28 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, attn_bias, cache_index):
-    y, new_cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
-                                                    attn_bias, layer_cache, cache_index)
+  def __call__(self, x, cache, positions, attn_bias, cache_index, layer):
+    """One layer; `cache` is the whole layer-stacked cache (or None), `layer` this layer's index in it."""
+    y, cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
+                                                attn_bias, cache, cache_index, layer)
     x = x + y
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
-    return x, new_cache
+    return x, cache
 
 
 class _ScanBlock(nn.Module):
-  """Block with the (carry, scanned) signature nn.scan expects."""
+  """Block with the (carry, broadcast...) signature nn.scan expects.
+
+  The carry is (hidden, cache, layer index): the cache travels whole through
+  the layer loop and each layer updates its own slice in place.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, attn_bias, cache_index):
-    return Block(self.cfg, name="block")(x, layer_cache, positions, attn_bias, cache_index)
+  def __call__(self, carry, positions, attn_bias, cache_index):
+    x, cache, layer = carry
+    x, cache = Block(self.cfg, name="block")(x, cache, positions, attn_bias, cache_index, layer)
+    return (x, cache, layer + 1), None
 
 
 def attention_bias(mask_BxT: Array, kv_mask_BxS: Optional[Array], cache_index) -> Array:
@@ -210,18 +220,15 @@ class Transformer(nn.Module):
           _ScanBlock,
           variable_axes={"params": 0},
           split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
-      x, new_cache = stack(x, cache, positions_BxT, bias, cache_index)
+      (x, new_cache, _), _ = stack((x, cache, jnp.zeros((), jnp.int32)), positions_BxT, bias, cache_index)
     else:
-      new_layers = []
+      new_cache = cache
       for i in range(cfg.n_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, lc = Block(cfg, name=f"layer_{i}")(x, layer_cache, positions_BxT, bias, cache_index)
-        new_layers.append(lc)
-      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+        x, new_cache = Block(cfg, name=f"layer_{i}")(x, new_cache, positions_BxT, bias, cache_index, i)
 
     h = RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:

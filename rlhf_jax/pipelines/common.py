@@ -48,8 +48,14 @@ def stage_dir(workdir: str, stage: str) -> str:
   return path
 
 
-def optimizer(section) -> optax.GradientTransformation:
-  return make_optimizer(**optimizer_kwargs(section))
+def optimizer(section, *, optimizer_section=None, total_steps: Optional[int] = None) -> optax.GradientTransformation:
+  """The optimizer of a stage section (its `optimizer` and `steps`), or of an explicit optimizer section."""
+  if optimizer_section is None:
+    return make_optimizer(**optimizer_kwargs(section))
+  kwargs = dict(optimizer_section.to_dict())
+  if kwargs.get("total_steps") is None:
+    kwargs["total_steps"] = int(total_steps)
+  return make_optimizer(**kwargs)
 
 
 # --- state --------------------------------------------------------------------------
@@ -59,21 +65,23 @@ def state_shardings(abstract_state: TrainState, param_shardings: Any, tx, mesh: 
                     opt_state=shd.opt_state_shardings(tx, abstract_state.opt_state, param_shardings, mesh), rng=rep)
 
 
-def create_state(init_params_fn: Callable[[jax.Array], Any], logical_specs: Any, tx, mesh: Mesh,
-                 rng: jax.Array) -> tuple[TrainState, TrainState]:
+def create_state(init_params_fn: Callable[..., Any], logical_specs: Any, tx, mesh: Mesh, rng: jax.Array,
+                 *init_args: Any) -> tuple[TrainState, TrainState]:
   """A TrainState born sharded: eval_shape → specs → jit(init, out_shardings).
 
-  `init_params_fn(rng)` builds the parameters (fresh, or copied from an
-  earlier stage's params closed over); returns (state, state_shardings).
+  `init_params_fn(rng, *init_args)` builds the parameters: fresh, or from an
+  earlier stage's params passed in `init_args` (arguments, not closed-over
+  constants, so they are not baked into the program). Returns (state,
+  state_shardings).
   """
   param_sh = shd.logical_to_sharding(logical_specs, mesh)
 
-  def init(rng):
-    return create_train_state(init_params_fn(rng), tx, rng)
+  def init(rng, *args):
+    return create_train_state(init_params_fn(rng, *args), tx, rng)
 
-  abstract = jax.eval_shape(init, rng)
+  abstract = jax.eval_shape(init, rng, *init_args)
   sh = state_shardings(abstract, param_sh, tx, mesh)
-  return jax.jit(init, out_shardings=sh)(rng), sh
+  return jax.jit(init, out_shardings=sh)(rng, *init_args), sh
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, *, head: str = "lm"):
@@ -125,6 +133,3 @@ def fold(rng: jax.Array, *ints: int) -> jax.Array:
     rng = jax.random.fold_in(rng, i)
   return rng
 
-
-def zeros_like_sharded(x):
-  return jnp.zeros_like(x)

@@ -54,8 +54,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   # --- state ----------------------------------------------------------------------
   tx = common.optimizer(sc)
   rng = jax.random.PRNGKey(config.seed)
-  state, state_sh = common.create_state(lambda r: models.init_params(cfg, r), models.logical_axes(cfg), tx, mesh,
-                                        rng)
+  state, state_sh = common.create_state(lambda r: models.init_params(cfg, r), models.logical_axes(cfg), tx, mesh, rng)
   ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=config.checkpoint.max_to_keep,
                       save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
   start_batch = 0

@@ -34,9 +34,34 @@ def minicode_builder(config, workdir: str):
   return data.build_minicode(common.data_dir(config, workdir), seed=config.task.seed)
 
 
+class _Subset(Sequence):
+  def __init__(self, source: Sequence, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i):
+    return self._source[self._indices[i]]
+
+
 def minicode_split(config, workdir: str, split: str) -> Sequence[Mapping[str, Any]]:
-  """MiniCode problems (HumanEval format dicts) of `split`."""
-  return data.load_split(minicode_builder(config, workdir), split)
+  """MiniCode problems (HumanEval format dicts) of `split` at `task.difficulties`.
+
+  Problems whose BOS + prompt or canonical completion + EOS do not fit in
+  `task.max_prompt_len` / `task.max_response_len` (byte tokens) are skipped,
+  not truncated: a cut prompt loses its signature, a cut solution is wrong.
+  """
+  src = data.load_split(minicode_builder(config, workdir), split)
+  levels = set(config.task.difficulties)
+  keep = [i for i in range(len(src))
+          if src[i]["difficulty"] in levels
+          and len(src[i]["prompt"].encode()) + 1 <= config.task.max_prompt_len
+          and len(src[i]["canonical_solution"].encode()) + 1 <= config.task.max_response_len]
+  if not keep:
+    raise ValueError(f"no MiniCode {split} problem fits task.difficulties={tuple(levels)}, "
+                     f"max_prompt_len={config.task.max_prompt_len}, max_response_len={config.task.max_response_len}")
+  return _Subset(src, keep)
 
 
 def sft_split(config, workdir: str, split: str) -> Sequence[Mapping[str, Any]]:

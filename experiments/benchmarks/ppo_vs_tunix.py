@@ -1,0 +1,245 @@
+"""One PPO iteration of rlhf_jax against google-tunix 0.1.7's PPOLearner (issue 5, part 6).
+
+An iteration = rollout (sample `--new-tokens` tokens for every prompt) + score
+(reference log-probs, critic values, reward-model score) + update (`--epochs`
+× `--minibatches` clipped policy and value steps), on the same model shape
+(our `tiny` preset, f32, random weights), the same prompt tokens, prompt
+length and generation length on both sides. Our side runs in this process;
+tunix runs in its own venv (it pins its own jax/flax) through
+`_tunix_ppo_worker.py`, one after the other, never at the same time. Warm-up
+iterations (compilation) are excluded; the median of the timed iterations is
+reported, with the process CPU time of an iteration (all threads; less
+sensitive than wall-clock to other load on a shared machine).
+
+    # once: the tunix venv (~1.5 GB)
+    python3 -m venv .venv-tunix && .venv-tunix/bin/pip install google-tunix==0.1.7
+    # the comparison (~5 min on 2 cores)
+    .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py
+    .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --no-tunix   # ours only
+
+Layout: tunix's PPO has no samples-per-prompt (`_num_generations() == 1`), so
+the comparison runs 64 prompts × 1 sample on both sides; an extra row shows
+ours at 16 prompts × 4 samples (the same 64 rollouts; our sampler prefills
+each prompt once and decodes 4 samples).
+
+What is the same: model shape and dtype; 64 rollouts × 64 new tokens from
+64-token prompts (no padding, EOS disabled: every completion is full length);
+temperature 1, no top-k/top-p; reference, critic and reward model are full
+4-layer models; KL penalty in the reward (β = 0.04, k3 estimator), GAE(γ=1,
+λ=0.95), whitened advantages, clip 0.2, value clip 0.2, 1 epoch of 4
+minibatches of 16 rows, each a policy step and a value step; Adam(0.9, 0.95)
+with global-norm clipping 1.0 for actor and critic.
+
+What differs (each side does it its own way; see the README section):
+  * tunix rolls out per minibatch: with mini_batch_size=16 its global step
+    generates and scores 16 prompts, updates, then the next 16 (4 rollouts of
+    16 rows per iteration); ours generates and scores all 64 in one batch,
+    then runs the 4 minibatch updates.
+  * tunix recomputes the old policy log-probs with an extra actor forward after
+    sampling; ours keeps the sampler's log-probs (one forward fewer).
+  * tunix's prompts go through its string interface (an id-list tokenizer);
+    ours are token arrays. tunix's lm head is untied (its critic builder
+    replaces `lm_head`); ours is tied (same FLOPs).
+  * ours computes the per-token entropy in the policy loss (coefficient 0);
+    tunix skips it when its entropy coefficient is None.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from experiments.benchmarks import _common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WORKER = os.path.join(ROOT, "experiments", "benchmarks", "_tunix_ppo_worker.py")
+DEFAULT_TUNIX_PYTHON = os.path.join(ROOT, ".venv-tunix", "bin", "python")
+
+
+def parse_args():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--prompts", type=int, default=64, help="prompts per iteration (1 sample each)")
+  ap.add_argument("--grouped", default="16x4",
+                  help="extra row of ours: PROMPTSxSAMPLES with the same rollout count ('' = off)")
+  ap.add_argument("--prompt-len", type=int, default=64)
+  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--epochs", type=int, default=1)
+  ap.add_argument("--minibatches", type=int, default=4)
+  ap.add_argument("--warmup", type=int, default=2, help="untimed iterations (compilation)")
+  ap.add_argument("--iters", type=int, default=5, help="timed iterations")
+  ap.add_argument("--preset", default="tiny")
+  ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--tunix-python", default=DEFAULT_TUNIX_PYTHON, help="python of the tunix venv")
+  ap.add_argument("--tunix-timeout", type=int, default=1800, help="seconds")
+  ap.add_argument("--no-tunix", action="store_true", help="time ours only")
+  ap.add_argument("--json", default="", help="also write both results to this file")
+  return ap.parse_args()
+
+
+def make_prompts(args, vocab: int):
+  import numpy as np
+  rng = np.random.default_rng(args.seed)
+  # [iteration, prompt, position]; any id is a valid prompt token on both sides.
+  return rng.integers(0, vocab, size=(args.warmup + args.iters, args.prompts, args.prompt_len)).astype(np.int32)
+
+
+def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
+  """Median seconds of one rlhf_jax PPO iteration and of its phases."""
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax import losses, models
+  from rlhf_jax.sampling import Sampler, SamplingParams
+  from rlhf_jax.state import create_train_state, make_optimizer
+  from rlhf_jax.steps import PPOState, make_ppo_score_fn, make_ppo_step, select_rows
+
+  cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32")
+  rows = num_prompts * num_samples
+  if rows % args.minibatches:
+    raise ValueError(f"--minibatches={args.minibatches} must divide the {rows} rollouts of an iteration")
+  keys = jax.random.split(jax.random.PRNGKey(args.seed), 5)
+  actor_params = models.init_params(cfg, keys[0])
+  ref_params = jax.tree.map(jnp.copy, actor_params)                    # reference = initial policy
+  # critic = policy backbone + value head; its own buffers (the update donates both states)
+  critic_params = jax.tree.map(jnp.copy, models.lm_to_scalar_params(actor_params, cfg, keys[1]))
+  rm_params = models.init_params(cfg, keys[2], head="scalar")           # reward model: its own random weights
+
+  def tx():
+    return make_optimizer(learning_rate=1e-6, schedule="constant", total_steps=1, b1=0.9, b2=0.95,
+                          weight_decay=0.0, grad_clip=1.0)
+
+  actor_tx, critic_tx = tx(), tx()
+  state = PPOState(actor=create_train_state(actor_params, actor_tx, keys[3]),
+                   critic=create_train_state(critic_params, critic_tx, keys[4]),
+                   kl=losses.init_kl_controller(0.04))
+  lm_apply, scalar_apply = models.make_apply_fn(cfg), models.make_apply_fn(cfg, head="scalar")
+  # eos_id outside the vocabulary: every row generates all new tokens, as on the tunix side.
+  sampler = Sampler(cfg, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=num_samples),
+                    eos_id=-1, pad_id=0)
+  score = jax.jit(make_ppo_score_fn(lm_apply, scalar_apply, scalar_apply, prompt_len=args.prompt_len))
+  select = jax.jit(lambda batch: select_rows(batch, jnp.ones((num_prompts, num_samples), jnp.float32), keep=None))
+  update = jax.jit(make_ppo_step(lm_apply, scalar_apply, actor_tx, critic_tx, prompt_len=args.prompt_len,
+                                 clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95, kl_estimator="k3",
+                                 epochs=args.epochs, minibatches=args.minibatches, entropy_coef=0.0),
+                   donate_argnums=0)
+
+  def iteration(state, it):
+    pt = jnp.asarray(prompts[it, :num_prompts])
+    pm = jnp.ones_like(pt)
+    key = jax.random.fold_in(jax.random.PRNGKey(args.seed + 1), it)
+    c0, t0 = time.process_time(), time.perf_counter()
+    out = sampler(state.actor.params, pt, pm, key)
+    jax.block_until_ready(out.tokens)
+    t1 = time.perf_counter()
+    sc = score(ref_params, state.critic.params, rm_params, out.tokens, out.mask)
+    jax.block_until_ready(sc)
+    t2 = time.perf_counter()
+    batch = select({"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
+                    "old_logprobs": out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"],
+                    "old_values": sc["old_values"], "scores": sc["scores"]})
+    state, metrics = update(state, batch)
+    metrics = jax.device_get(metrics)  # the pipeline logs them every iteration
+    t3, c3 = time.perf_counter(), time.process_time()
+    assert int(out.lengths.min()) == args.new_tokens, "EOS must be disabled"
+    return state, {"iteration": t3 - t0, "rollout": t1 - t0, "score": t2 - t1, "update": t3 - t2, "cpu": c3 - c0}
+
+  times = []
+  for it in range(args.warmup + args.iters):
+    state, t = iteration(state, it)
+    times.append(t)
+  assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts
+  timed = times[args.warmup:]
+  med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
+  return {"side": "rlhf_jax", "prompts": num_prompts, "samples_per_prompt": num_samples,
+          "iteration_s": med["iteration"], "rollout_s": med["rollout"], "score_s": med["score"],
+          "update_s": med["update"], "cpu_s": med["cpu"], "first_iteration_s": times[0]["iteration"],
+          "iteration_s_all": [t["iteration"] for t in times], "jax_version": jax.__version__}
+
+
+def bench_tunix(args, prompts_path: str):
+  cmd = [args.tunix_python, WORKER, "--prompts-file", prompts_path, "--new-tokens", str(args.new_tokens),
+         "--mini-batch", str(args.prompts // args.minibatches), "--epochs", str(args.epochs),
+         "--warmup", str(args.warmup), "--iters", str(args.iters), "--threads", str(args.threads)]
+  from rlhf_jax import models
+  cfg = models.get_model_config(args.preset)
+  cmd += ["--vocab", str(cfg.vocab_size), "--dim", str(cfg.dim), "--layers", str(cfg.n_layers),
+          "--heads", str(cfg.n_heads), "--kv-heads", str(cfg.n_kv_heads), "--mlp", str(cfg.mlp_dim),
+          "--rope-theta", str(cfg.rope_theta), "--norm-eps", str(cfg.norm_eps)]
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  print("[ppo_vs_tunix] running the tunix worker: " + " ".join(cmd), file=sys.stderr, flush=True)
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.tunix_timeout)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT_JSON ")]
+  if proc.returncode != 0 or not lines:
+    sys.stderr.write(proc.stderr[-6000:])
+    raise RuntimeError(f"tunix worker failed (exit {proc.returncode})")
+  return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
+def row(r, *, new_tokens: int, tunix_s, tunix_cpu_s):
+  rollouts = r["prompts"] * r["samples_per_prompt"]
+  ms = lambda s: 1000.0 * s  # noqa: E731
+  return [r["side"], f"{r['prompts']}×{r['samples_per_prompt']}", ms(r["iteration_s"]), ms(r["rollout_s"]),
+          ms(r["score_s"]), ms(r["update_s"]), ms(r["cpu_s"]), rollouts / r["iteration_s"],
+          rollouts * new_tokens / r["rollout_s"],
+          f"{tunix_s / r['iteration_s']:.2f}×" if tunix_s else "n/a",
+          f"{tunix_cpu_s / r['cpu_s']:.2f}×" if tunix_cpu_s else "n/a"]
+
+
+def main():
+  args = parse_args()
+  _common.set_threads(args.threads)
+  if not args.no_tunix and not os.path.exists(args.tunix_python):
+    sys.exit(f"tunix venv not found at {args.tunix_python}. Create it with\n"
+             f"  python3 -m venv {os.path.join(ROOT, '.venv-tunix')} && "
+             f"{os.path.join(ROOT, '.venv-tunix', 'bin', 'pip')} install google-tunix==0.1.7\n"
+             "or pass --tunix-python PATH, or --no-tunix to time ours only.")
+  if args.prompts % args.minibatches:
+    sys.exit(f"--minibatches={args.minibatches} must divide --prompts={args.prompts}")
+  import numpy as np
+  from rlhf_jax import models
+  prompts = make_prompts(args, models.get_model_config(args.preset).vocab_size)
+  load_before = _common.load_average()
+
+  results = [bench_ours(args, prompts, num_prompts=args.prompts, num_samples=1)]
+  if args.grouped:
+    p, n = (int(x) for x in args.grouped.lower().split("x"))
+    if p * n != args.prompts:
+      sys.exit(f"--grouped={args.grouped} must give {args.prompts} rollouts")
+    results.append(bench_ours(args, prompts, num_prompts=p, num_samples=n))
+  tunix = None
+  if not args.no_tunix:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "prompts.npy")
+      np.save(path, prompts)
+      tunix = bench_tunix(args, path)
+    results.append(tunix)
+  load_after = _common.load_average()
+
+  tunix_s = tunix["iteration_s"] if tunix else None
+  tunix_cpu_s = tunix["cpu_s"] if tunix else None
+  header = ["side", "prompts×samples", "iteration ms", "rollout ms", "score ms", "update ms", "CPU ms/iter",
+            "rollouts/s", "rollout tokens/s", "speed-up (wall)", "speed-up (CPU)"]
+  print(f"\nPPO iteration, preset {args.preset} f32: {args.prompts} rollouts × {args.new_tokens} new tokens, "
+        f"prompt length {args.prompt_len}, {args.epochs} epoch × {args.minibatches} minibatches; "
+        f"median of {args.iters} after {args.warmup} warm-up; {args.threads} threads; "
+        f"load avg before {load_before}, after {load_after}\n")
+  print(_common.markdown_table(header, [row(r, new_tokens=args.new_tokens, tunix_s=tunix_s, tunix_cpu_s=tunix_cpu_s)
+                                                for r in results]))
+  if tunix:
+    print(f"\ntunix score = old-logprob, reference, critic and RM forwards + GAE (its `prepare` minus rollout); "
+          f"tunix rolls out 4 × {tunix['mini_batch']} rows per iteration (per minibatch). "
+          f"First (compiling) iteration: ours {results[0]['first_iteration_s']:.1f} s, "
+          f"tunix {tunix['first_iteration_s']:.1f} s.")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"load_before": load_before, "load_after": load_after, "results": results}, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

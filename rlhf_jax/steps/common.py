@@ -1,0 +1,48 @@
+"""Forward-pass helpers shared by the step factories (device layer)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import losses
+
+
+def last_valid_index(mask_BxS: jax.Array) -> jax.Array:
+  """Index of the last 1 in each row (`S − 1 − argmax(flip(mask))`)."""
+  s = mask_BxS.shape[1]
+  return s - 1 - jnp.argmax(jnp.flip(mask_BxS, axis=1) > 0, axis=1)
+
+
+def sequence_scores(apply_fn: Callable, params, tokens_BxS, mask_BxS) -> jax.Array:
+  """Scalar-head output read at each row's last valid token: rewards [B]."""
+  values_BxS, _ = apply_fn(params, tokens_BxS, mask_BxS)
+  idx = last_valid_index(mask_BxS)
+  return jnp.take_along_axis(values_BxS, idx[:, None], axis=1)[:, 0]
+
+
+def completion_logprobs(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_len: int,
+                        *, with_entropy: bool = False):
+  """log π(token) of every completion slot [B, G] (and per-token entropy [B, G]).
+
+  The completion occupies slots [prompt_len, S); slot s is predicted by the
+  logits at s − 1.
+  """
+  logits, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1])
+  logits_BxGxV = logits[:, prompt_len - 1:]
+  lp = losses.token_logprobs(logits_BxGxV, tokens_BxS[:, prompt_len:])
+  if not with_entropy:
+    return lp
+  return lp, losses.entropy_from_logits(logits_BxGxV)
+
+
+def completion_values(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_len: int) -> jax.Array:
+  """Critic values V(s_t) for every completion token t: [B, G].
+
+  The state before completion token t is the prefix ending at slot
+  prompt_len + t − 1, so the value is read there.
+  """
+  values, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1])
+  return values[:, prompt_len - 1:]
