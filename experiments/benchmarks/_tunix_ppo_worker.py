@@ -103,7 +103,6 @@ def main():
 
   import numpy as np
   import jax
-  import jax.numpy as jnp
   import optax
   from flax import nnx
   from tunix.models.llama3 import model as llama3_lib

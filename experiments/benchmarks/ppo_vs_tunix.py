@@ -30,7 +30,7 @@ temperature 1, no top-k/top-p; reference, critic and reward model are full
 minibatches of 16 rows, each a policy step and a value step; Adam(0.9, 0.95)
 with global-norm clipping 1.0 for actor and critic.
 
-What differs (each side does it its own way; see the README section):
+What differs (each side does it its own way):
   * tunix rolls out per minibatch: with mini_batch_size=16 its global step
     generates and scores 16 prompts, updates, then the next 16 (4 rollouts of
     16 rows per iteration); ours generates and scores all 64 in one batch,
@@ -42,6 +42,16 @@ What differs (each side does it its own way; see the README section):
     replaces `lm_head`); ours is tied (same FLOPs).
   * ours computes the per-token entropy in the policy loss (coefficient 0);
     tunix skips it when its entropy coefficient is None.
+  * tunix 0.1.7 builds its token rewards as `zeros_like(completion_ids)`
+    (int32), so the RM score is truncated to an integer before the KL term is
+    subtracted (a FutureWarning in its log); no effect on the cost.
+  * phase timings: tunix's update wrappers wait for the new parameters (so the
+    split is clean); its `score` also holds the GAE/whitening and its metric
+    host transfers, ours the three forwards only (GAE is inside our update).
+
+Numbers measured on the 2-core machine are in the report of the session that
+wrote this file; they swing with the load of the shared machine (the load
+averages are printed with every table).
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ Both sides generate exactly `--new-tokens` tokens for `--batch` prompts of
 same shapes (our preset; an HF LlamaForCausalLM built from a matching local
 LlamaConfig with random weights), on `--threads` threads, greedy and with
 temperature sampling (temperature 1, no top-k/top-p on either side). The
-reported time is the median of `--repeats` warm calls; our compile time (the
-first call minus a warm one) is reported separately.
+reported time is the median of `--repeats` warm calls, the two sides timed in
+turns; our compile time (the first call minus a warm one) is reported
+separately.
 
     .venv-bench/bin/python experiments/benchmarks/sampler_throughput.py            # both sides
     .venv/bin/python experiments/benchmarks/sampler_throughput.py --presets tiny   # ours only
@@ -59,9 +60,10 @@ def bench_ours(cfg, prompt, temperature, args):
   first = time.perf_counter() - t0
   assert out.completion_tokens.shape == (args.batch, args.new_tokens)
   assert int(out.lengths.min()) == args.new_tokens, "EOS must be disabled"
-  median, _ = _common.time_calls(call, warmup=args.warmup, repeats=args.repeats)
-  assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts
-  return median, max(first - median, 0.0)
+  t0 = time.perf_counter()
+  call()
+  compile_s = max(first - (time.perf_counter() - t0), 0.0)
+  return call, compile_s, sampler
 
 
 def bench_hf(cfg, prompt, temperature, args, torch):
@@ -83,8 +85,7 @@ def bench_hf(cfg, prompt, temperature, args, torch):
     assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
     return out
 
-  median, _ = _common.time_calls(call, warmup=args.warmup, repeats=args.repeats)
-  return median
+  return call
 
 
 def main():
@@ -106,8 +107,13 @@ def main():
     prompt = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt_len))
     n_new = args.batch * args.new_tokens
     for temperature in (float(t) for t in args.temperatures.split(",")):
-      ours_s, compile_s = bench_ours(cfg, prompt, temperature, args)
-      hf_s = bench_hf(cfg, prompt, temperature, args, torch) if torch else None
+      fns = {}
+      fns["ours"], compile_s, sampler = bench_ours(cfg, prompt, temperature, args)
+      if torch is not None:
+        fns["hf"] = bench_hf(cfg, prompt, temperature, args, torch)
+      med = _common.time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+      assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts  # compiled once
+      ours_s, hf_s = med["ours"], med.get("hf")
       mode = "greedy" if temperature == 0 else f"T={temperature:g}"
       rows.append([preset, mode, f"{n_new / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}", f"{compile_s:.1f}",
                    f"{n_new / hf_s:,.0f}" if hf_s else "n/a", f"{hf_s * 1e3:,.0f}" if hf_s else "n/a",

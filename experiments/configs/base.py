@@ -91,7 +91,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Reward model: pairs from the SFT policy's samples, labelled by the sandbox.
   config.rm = ml_collections.ConfigDict()
   config.rm.num_prompts = 256          # MiniCode train prompts sampled for pairs
-  config.rm.samples_per_prompt = 8     # SFT samples per prompt (temperature sampling.temperature)
+  config.rm.samples_per_prompt = 8     # SFT samples per prompt
+  config.rm.temperature = placeholder(float)  # sampling temperature of those samples; None = sampling.temperature
   config.rm.max_pairs_per_prompt = 4   # (passing, failing) pairs kept per prompt
   config.rm.include_canonical = False  # also grade each prompt's canonical solution as a candidate
   config.rm.eval_fraction = 0.2        # prompts held out for pairwise accuracy / calibration
@@ -106,6 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ppo.prompts_per_iteration = 16   # P; PPO-S uses P·N prompts with 1 sample each
   config.ppo.samples_per_prompt = 5       # N (the paper's 5)
   config.ppo.eval_every = 5               # iterations between greedy pass@1 evaluations
+  config.ppo.eval_at_start = True         # also evaluate the SFT policy before the first iteration
   config.ppo.eval_problems = 128          # MiniCode test problems for pass@1 (0 = all)
   config.ppo.r2_bins = 10
   config.ppo.rollout_batch = 16           # prompts per sampler call

@@ -21,20 +21,22 @@ def get_config():
   config.stages = ("sft", "rm", "ppo")
   config.model.preset = "tiny"
   config.task.name = "minicode"
-  config.task.max_prompt_len = 272
-  config.task.max_response_len = 128
+  config.task.max_prompt_len = 192   # MiniCode levels 1-2 fit; longer problems are skipped, never truncated
+  config.task.max_response_len = 96
+  config.task.difficulties = (1, 2)
   config.sampling.temperature = 1.0
   config.sampling.top_p = 1.0
 
-  config.sft.steps = 600
+  config.sft.steps = 300
   config.sft.batch_size = 32
   config.sft.eval_every = 200
   config.sft.optimizer.learning_rate = 2e-3
   config.sft.optimizer.warmup_steps = 30
 
-  config.rm.num_prompts = 128
+  config.rm.num_prompts = 64
   config.rm.samples_per_prompt = 8
-  config.rm.steps = 150
+  config.rm.temperature = 0.7          # more passing samples to pair than at T=1
+  config.rm.steps = 100
   config.rm.batch_size = 16
   config.rm.optimizer.learning_rate = 3e-4
   config.rm.optimizer.warmup_steps = 10
@@ -44,10 +46,10 @@ def get_config():
   config.algo.kl_coef = 0.01
   config.algo.epochs = 1
   config.algo.minibatches = 2
-  config.ppo.iterations = 12
+  config.ppo.iterations = 10
   config.ppo.prompts_per_iteration = 16
   config.ppo.samples_per_prompt = 5
-  config.ppo.eval_every = 6
+  config.ppo.eval_every = 5
   config.ppo.eval_problems = 96
   config.ppo.actor_optimizer.learning_rate = 2e-5
   config.ppo.critic_optimizer.learning_rate = 1e-4

@@ -121,8 +121,9 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)
   timers = Timers()
   t0 = time.time()
-  sft_pass = pass_at_1(state.actor.params)
-  writer.write(0, {"eval/pass@1": sft_pass})
+  sft_pass = pass_at_1(state.actor.params) if pc.eval_at_start else float("nan")
+  if pc.eval_at_start:
+    writer.write(0, {"eval/pass@1": sft_pass})
   print(f"[ppo] strategy {ac.strategy}: {p_count} prompts × {n} samples, update on {rows} rows; "
         f"SFT greedy pass@1 {sft_pass:.3f} on {len(eval_problems)} test problems")
   progress = Progress(pc.iterations, desc=f"ppo[{ac.strategy}]", quiet=not config.logging.progress)

@@ -97,8 +97,8 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   order = np.random.default_rng(config.seed).permutation(len(train))[: rc.num_prompts]
   problems = [train[int(i)] for i in order]
   n = rc.samples_per_prompt
-  sampler = Sampler(cfg, SamplingParams(max_new_tokens=config.task.max_response_len,
-                                        temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+  temperature = config.sampling.temperature if rc.temperature is None else rc.temperature
+  sampler = Sampler(cfg, SamplingParams(max_new_tokens=config.task.max_response_len, temperature=temperature, top_k=config.sampling.top_k,
                                         top_p=config.sampling.top_p, num_samples=n),
                     eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=mesh)
   print(f"[rm] sampling {n} completions for {len(problems)} prompts and grading them in the sandbox")
