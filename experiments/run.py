@@ -198,6 +198,8 @@ def main(argv: Sequence[str]) -> int:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds.display_progress_bar(False)  # dataset builds take seconds; our stages show their own bars
   if is_multihost(_MULTIHOST.value):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,

@@ -97,15 +97,16 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     state, metrics = train_step(state, shd.shard_batch(enc, mesh))
     step += 1
     pending.append(metrics)
-    progress.update(step, loss=None, tokens=int(enc["loss_mask"].sum()))
+    tokens = int(enc["mask"].sum())  # real (non-padding) tokens processed
     if step % config.logging.every_steps == 0 or step == sc.steps:
       host = common.mean_metrics([common.to_host(m) for m in pending])  # one sync per log interval
-      pending = []
+      progress.update(step, loss=host["train/loss"], tokens=tokens)
       host["train/tokens_per_s"] = progress.tokens_per_second
-      host["train/steps_per_s"] = config.logging.every_steps / max(time.time() - t_log, 1e-9)
-      t_log = time.time()
-      progress.update(step, loss=host["train/loss"])
+      host["train/steps_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
+      pending, t_log = [], time.time()
       writer.write(step, host)
+    else:
+      progress.update(step, tokens=tokens)
     if step % sc.eval_every == 0 or step == sc.steps:
       writer.write(step, evaluate(state.params))
     ckpt.save(step, state, meta={"data_position": loader.position, "config": config_to_json(config)})

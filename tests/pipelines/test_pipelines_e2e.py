@@ -128,3 +128,22 @@ def test_sft_resume_is_bitwise(tmp_path):
                                       common.param_shardings(cfg, mesh))[0]
   for a, b in zip(jax.tree.leaves(load(straight)), jax.tree.leaves(load(resumed))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_eval_and_r2_stages_report(pfppo_run):
+  from rlhf_jax.pipelines import eval as eval_stage, r2  # pylint: disable=import-outside-toplevel
+  config, workdir, _, _ = pfppo_run
+  config = config.copy_and_resolve_references()
+  config.eval.num_problems = 8
+  config.eval.batch_size = 8
+  config.sampling.temperature = 0.0
+  report = eval_stage.run_eval(config, workdir)
+  assert report["policy"] == ppo.final_params_dir(workdir)
+  assert report["num_problems"] == 8 and 0.0 <= report["pass@1"] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "eval", "report.json"))
+  config.sampling.temperature = 1.0
+  config.eval.split = "validation"
+  table = r2.run_r2(config, workdir)["table"]
+  assert set(table) == {"none", "best_of_n", "best_random", "best_worst"}
+  assert table["none"]["kept"] == 8 * 3 and table["best_of_n"]["kept"] == 8 and table["best_worst"]["kept"] == 16
+  assert os.path.getsize(os.path.join(workdir, "r2", "r2.png")) > 0
