@@ -24,6 +24,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
@@ -283,7 +284,8 @@ def check_model(config, device_count: int | None) -> None:
   try:
     dataclasses.replace(PRESETS[preset], **overrides)
   except ValueError as e:
-    field = next((k for k in overrides if f".{k}" in str(e)), "preset")
+    named = re.search(r"ModelConfig\.(\w+)", str(e))
+    field = named.group(1) if named else "preset"
     raise ConfigError(f"config.model.{field}", str(e)) from None
 
 
@@ -308,7 +310,7 @@ def check_lengths(config, device_count: int | None) -> None:
     extra = _get(config, path, _MISSING)
     if extra is not _MISSING and prompt + extra > max_len:
       raise ConfigError(f"config.{path}", f"task.max_prompt_len ({prompt}) + "
-                        f"{path} ({extra}) exceeds the model's max_seq_len ({max_len})")
+                        f"{path} ({extra}) exceeds model.max_seq_len ({max_len})")
 
 
 def check_optimizers(config, device_count: int | None) -> None:

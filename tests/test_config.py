@@ -172,13 +172,16 @@ def test_batch_size_divisible_by_data_parallel_size(config):
 
 
 def test_heads_divisible_by_kv_heads(config):
-  config.model.n_heads = 6
-  validate_config(config, base.get_base_config())  # kv heads not overridden
-  config.model.n_kv_heads = 4
-  e = _error(config)
-  assert e.field == "config.model.n_kv_heads" and "n_heads=6" in str(e)
+  config.model.n_heads = 8
+  validate_config(config, base.get_base_config())  # the preset's 2 kv heads divide 8
   config.model.n_kv_heads = 3
+  e = _error(config)
+  assert e.field == "config.model.n_kv_heads" and "n_heads=8" in str(e)
+  config.model.n_kv_heads = 4
   validate_config(config, base.get_base_config())
+  config.model.n_heads = 6  # 6 does not divide the preset's dim 128
+  config.model.n_kv_heads = 3
+  assert _error(config).field == "config.model.n_heads"
 
 
 def test_warmup_not_beyond_total_steps(config):

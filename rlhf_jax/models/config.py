@@ -35,9 +35,9 @@ class ModelConfig:
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
     if self.dim % self.n_heads:
-      raise ValueError(f"ModelConfig.dim={self.dim} is not divisible by n_heads={self.n_heads}")
+      raise ValueError(f"ModelConfig.n_heads={self.n_heads} does not divide dim={self.dim}")
     if self.n_heads % self.n_kv_heads:
-      raise ValueError(f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+      raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not one of {_DTYPES}")

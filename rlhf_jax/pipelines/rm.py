@@ -20,6 +20,7 @@ Writes `<workdir>/rm/`: `final/` (params + normalisation statistics),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -126,8 +127,9 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
     raise RuntimeError(f"too few preference pairs ({len(pairs['train'])} train, {len(pairs['validation'])} held "
                        f"out): the SFT policy passes {sft_pass:.1%} of its samples. Train SFT longer or raise "
                        "config.rm.num_prompts / samples_per_prompt.")
-  builder = data.build_preference_pairs(common.data_dir(config, workdir), pairs,
-                                        name=f"minicode_sft_pairs_seed{config.seed}")
+  # The dataset is named by its content: a finished dataset of the same name is reused as is.
+  digest = hashlib.sha256(json.dumps(pairs, sort_keys=True).encode()).hexdigest()[:12]
+  builder = data.build_preference_pairs(common.data_dir(config, workdir), pairs, name=f"minicode_pairs_{digest}")
   train_src, eval_src = data.load_split(builder, "train"), data.load_split(builder, "validation")
 
   # --- 2. init from the SFT backbone, step --------------------------------------------
