@@ -13,7 +13,7 @@ One PPO iteration is three jitted calls after sampling:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax
 import jax

@@ -425,7 +425,7 @@ def _render(family, chain, params, cases, template, parameters, split) -> Proble
   phrases = [op.phrase.format(**p) for op, p in zip(chain, params)]
   doc = ", then ".join(phrases)
   doc = doc[0].upper() + doc[1:] + "."
-  (ex_in, ex_out), rest = cases[0], cases[1:]
+  ex_in, ex_out = cases[0]
   prompt = (f"def {entry_point}({var}: {arg_type}) -> {chain[-1].returns}:\n"
             f'    """{doc}\n'
             f"    >>> {entry_point}({ex_in!r})\n"
