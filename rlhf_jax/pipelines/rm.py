@@ -178,15 +178,16 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
 
   # --- 4. reward normalisation statistics (held-out SFT samples) -------------------
   score = jax.jit(make_score_fn(apply_fn))
-  eval_texts = [c for g in eval_groups for c in g["completions"]]
-  eval_prompts = [g["prompt"] for g in eval_groups for _ in g["completions"]]
+  # Statistics over the policy's own held-out samples (not the canonical candidates): what PPO will score.
+  eval_texts = [c for g in eval_groups for c in g["completions"][:n]]
+  eval_prompts = [g["prompt"] for g in eval_groups for _ in range(n)]
   scores = []
   for i in range(0, len(eval_texts), bs):
     enc = encode_pairs(tok, eval_prompts[i:i + bs], eval_texts[i:i + bs], config.task.max_prompt_len,
                        config.task.max_response_len)
     scores.append(np.asarray(score(state.params, jnp.asarray(enc["tokens"]), jnp.asarray(enc["mask"]))))
   scores = np.concatenate(scores)
-  labels = np.asarray([ok for g in eval_groups for ok in g["passed"]], np.float32)
+  labels = np.asarray([ok for g in eval_groups for ok in g["passed"][:n]], np.float32)
   from rlhf_jax.selection import r_squared  # pylint: disable=import-outside-toplevel
   stats = {"reward_mean": float(scores.mean()), "reward_std": float(max(scores.std(), 1e-6)),
            "heldout_score_label_r2": float(r_squared(jnp.asarray(scores), jnp.asarray(labels)))}
