@@ -31,12 +31,14 @@ def _error(config, device_count=None, **kwargs) -> ConfigError:
 
 
 def test_base_and_named_configs_are_valid(config):
-  validate_config(config, base.get_base_config(), device_count=8)
-  from experiments.configs import sft
-  named = sft.get_config()
-  named.stages = (STAGE,)
-  validate_config(named, base.get_base_config(), device_count=8)
-  validate_config(named, base.get_base_config(), device_count=1)
+  validate_config(config, base.get_base_config(), device_count=8)  # raises if not
+  import importlib  # pylint: disable=import-outside-toplevel
+  for name in ("sft", "pfppo", "eval"):
+    named = importlib.import_module(f"experiments.configs.{name}").get_config()
+    for devices in (1, 8):
+      validate_config(named, base.get_base_config(), device_count=devices)
+    named.sampling.top_p = 1.5  # and the same config with one bad field is rejected
+    assert _error(named).field == "config.sampling.top_p"
 
 
 def test_unknown_field_is_named(config):
