@@ -68,7 +68,8 @@ def main() -> int:
   os.makedirs(base, exist_ok=True)
   log = open(os.path.join(workdir, "log.txt"), "a")
   data_dir = os.path.join(base, "data")
-  common = {"task.data_dir": data_dir, "logging.progress": False}
+  # SFT and every PPO run are scored on the same problems: the whole MiniCode test split.
+  common = {"task.data_dir": data_dir, "logging.progress": False, "ppo.eval_problems": 0, "eval.num_problems": 0}
 
   print("[1/3] SFT + reward model (shared)", flush=True)
   run(base, {**common, "stages": "('sft','rm','eval')", "eval.split": "test", "sampling.temperature": 0.0},

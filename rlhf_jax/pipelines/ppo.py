@@ -124,8 +124,9 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
   sft_pass = pass_at_1(state.actor.params) if pc.eval_at_start else float("nan")
   if pc.eval_at_start:
     writer.write(0, {"eval/pass@1": sft_pass})
-  print(f"[ppo] strategy {ac.strategy}: {p_count} prompts × {n} samples, update on {rows} rows; "
-        f"SFT greedy pass@1 {sft_pass:.3f} on {len(eval_problems)} test problems")
+  start = f"SFT greedy pass@1 {sft_pass:.3f}" if pc.eval_at_start else "no evaluation at start"
+  print(f"[ppo] strategy {ac.strategy}: {p_count} prompts × {n} samples, update on {rows} rows; {start} "
+        f"({len(eval_problems)} test problems)")
   progress = Progress(pc.iterations, desc=f"ppo[{ac.strategy}]", quiet=not config.logging.progress)
   r2_first = None
   for it in range(1, pc.iterations + 1):
@@ -186,5 +187,6 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
   summary = {"strategy": ac.strategy, "sft_pass@1": sft_pass, "final_pass@1": final_pass,
              "iterations": pc.iterations, "wall_s": time.time() - t0, "r2_first_rollout": r2_first}
   common.write_json(os.path.join(out_dir, "summary.json"), summary)
-  print(f"[ppo] done: SFT pass@1 {sft_pass:.3f} -> {final_pass:.3f} in {summary['wall_s']:.0f} s")
+  print(f"[ppo] done: greedy pass@1 {sft_pass:.3f} (SFT) -> {final_pass:.3f} in {summary['wall_s']:.0f} s"
+        if pc.eval_at_start else f"[ppo] done: greedy pass@1 {final_pass:.3f} in {summary['wall_s']:.0f} s")
   return summary
