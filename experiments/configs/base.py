@@ -95,6 +95,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.rm.temperature = placeholder(float)  # sampling temperature of those samples; None = sampling.temperature
   config.rm.max_pairs_per_prompt = 4   # (passing, failing) pairs kept per prompt
   config.rm.include_canonical = False  # also grade each prompt's canonical solution as a candidate
+  config.rm.mutations_per_prompt = 0  # sandbox-graded mutants of the canonical solution as extra rejected
   config.rm.eval_fraction = 0.2        # prompts held out for pairwise accuracy / calibration
   config.rm.steps = 200
   config.rm.batch_size = 16

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from typing import Any
 
 import jax
@@ -72,6 +73,37 @@ def make_pairs(groups: list[dict], *, max_pairs: int, seed: int) -> list[dict]:
   return pairs
 
 
+_INT = re.compile(r"(?<![\w.])\d+(?![\w.])")
+_OPS = (("<", ">"), (">", "<"), ("+", "-"), ("-", "+"), ("==", "!="), ("%", "//"))
+
+
+def mutants(code: str, *, k: int, rng: random.Random) -> list[str]:
+  """Up to k distinct near-miss edits of `code`: one integer literal or one operator changed.
+
+  They look like the policy's typical failures (a wrong constant, a flipped
+  comparison); whether each one still passes is decided by the sandbox.
+  """
+  out: set[str] = set()
+  for _ in range(8 * k):
+    if len(out) >= k:
+      break
+    ints = list(_INT.finditer(code))
+    if ints and rng.random() < 0.6:
+      m = rng.choice(ints)
+      new = str(max(0, int(m.group()) + rng.choice((-2, -1, 1, 2))))
+      cand = code[:m.start()] + new + code[m.end():]
+    else:
+      old, new = rng.choice(_OPS)
+      spots = [i for i in range(len(code)) if code.startswith(old, i)]
+      if not spots:
+        continue
+      i = rng.choice(spots)
+      cand = code[:i] + new + code[i + len(old):]
+    if cand != code:
+      out.add(cand)
+  return sorted(out)
+
+
 def _encode_pairs(tok, batch, config) -> dict[str, np.ndarray]:
   c = encode_pairs(tok, batch["prompt"], batch["chosen"], config.task.max_prompt_len, config.task.max_response_len)
   r = encode_pairs(tok, batch["prompt"], batch["rejected"], config.task.max_prompt_len,
@@ -109,20 +141,35 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   per_prompt = [texts[i * n:(i + 1) * n] for i in range(len(problems))]
   if rc.include_canonical:  # graded like any other candidate; helps when the SFT policy rarely passes
     per_prompt = [c + [p["canonical_solution"]] for c, p in zip(per_prompt, problems)]
-  m = len(per_prompt[0])
-  passed = rollout.grade_minicode(problems, [c for cs in per_prompt for c in cs], n=m)
+  if rc.mutations_per_prompt:  # near-miss negatives, labelled by the sandbox like everything else
+    rnd = random.Random(config.seed)
+    per_prompt = [c + [p["canonical_solution"]] * (not rc.include_canonical)
+                  + mutants(p["canonical_solution"], k=rc.mutations_per_prompt, rng=rnd)
+                  for c, p in zip(per_prompt, problems)]
+  flat = [c for cs in per_prompt for c in cs]
+  owners = [problems[i] for i, cs in enumerate(per_prompt) for _ in cs]
+  results = rollout.grade_minicode(owners, flat, n=1)
+  offsets = np.cumsum([0] + [len(cs) for cs in per_prompt])
   groups = [{"task_id": p["task_id"], "prompt": p["prompt"], "completions": per_prompt[i],
-             "passed": passed[i * m:(i + 1) * m].tolist()} for i, p in enumerate(problems)]
-  sft_pass = float(passed.reshape(len(problems), m)[:, :n].mean())  # the policy's own samples only
+             "passed": results[offsets[i]:offsets[i + 1]].tolist()} for i, p in enumerate(problems)]
+  sft_pass = float(np.mean([g["passed"][:n] for g in groups]))  # the policy's own samples only
   with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
     for g in groups:
       f.write(json.dumps(g) + "\n")
   n_eval = max(1, int(round(rc.eval_fraction * len(groups))))
-  eval_groups, train_groups = groups[:n_eval], groups[n_eval:]
+  # Held-out pairs use the policy's own samples only: that is what the RM will have to judge in PPO.
+  eval_groups = [{**g, "completions": g["completions"][:n], "passed": g["passed"][:n]} for g in groups[:n_eval]]
+  train_groups = groups[n_eval:]
   pairs = {"train": make_pairs(train_groups, max_pairs=rc.max_pairs_per_prompt, seed=config.seed),
            "validation": make_pairs(eval_groups, max_pairs=rc.max_pairs_per_prompt, seed=config.seed)}
+  heldout_source = "policy samples"
+  if not pairs["validation"] and (rc.include_canonical or rc.mutations_per_prompt):
+    # No held-out prompt has both a passing and a failing policy sample: fall back to the
+    # canonical/mutant candidates, and say so in the summary.
+    pairs["validation"] = make_pairs(groups[:n_eval], max_pairs=rc.max_pairs_per_prompt, seed=config.seed)
+    heldout_source = "canonical and mutant candidates (no held-out policy pair)"
   print(f"[rm] SFT sample pass rate {sft_pass:.3f}; pairs: {len(pairs['train'])} train, "
-        f"{len(pairs['validation'])} held out")
+        f"{len(pairs['validation'])} held out ({heldout_source})")
   if len(pairs["train"]) < 2 or not pairs["validation"]:
     raise RuntimeError(f"too few preference pairs ({len(pairs['train'])} train, {len(pairs['validation'])} held "
                        f"out): the SFT policy passes {sft_pass:.1%} of its samples. Train SFT longer or raise "
@@ -179,7 +226,7 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   # --- 4. reward normalisation statistics (held-out SFT samples) -------------------
   score = jax.jit(make_score_fn(apply_fn))
   # Statistics over the policy's own held-out samples (not the canonical candidates): what PPO will score.
-  eval_texts = [c for g in eval_groups for c in g["completions"][:n]]
+  eval_texts = [c for g in eval_groups for c in g["completions"]]
   eval_prompts = [g["prompt"] for g in eval_groups for _ in range(n)]
   scores = []
   for i in range(0, len(eval_texts), bs):
@@ -187,7 +234,7 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
                        config.task.max_response_len)
     scores.append(np.asarray(score(state.params, jnp.asarray(enc["tokens"]), jnp.asarray(enc["mask"]))))
   scores = np.concatenate(scores)
-  labels = np.asarray([ok for g in eval_groups for ok in g["passed"][:n]], np.float32)
+  labels = np.asarray([ok for g in eval_groups for ok in g["passed"]], np.float32)
   from rlhf_jax.selection import r_squared  # pylint: disable=import-outside-toplevel
   stats = {"reward_mean": float(scores.mean()), "reward_std": float(max(scores.std(), 1e-6)),
            "heldout_score_label_r2": float(r_squared(jnp.asarray(scores), jnp.asarray(labels)))}
@@ -197,7 +244,7 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   plot_metrics(os.path.join(out_dir, "metrics.jsonl"),
                {"BT loss": ["train/loss", "eval/loss"], "pairwise accuracy": ["rm/accuracy", "eval/accuracy"]},
                os.path.join(out_dir, "rm.png"), title="Reward model")
-  summary = {"sft_pass_rate": sft_pass, "train_pairs": len(pairs["train"]),
+  summary = {"sft_pass_rate": sft_pass, "train_pairs": len(pairs["train"]), "heldout_source": heldout_source,
              "heldout_pairs": len(pairs["validation"]), **final_eval, **stats}
   common.write_json(os.path.join(out_dir, "summary.json"), summary)
   print(f"[rm] done: {summary}")
