@@ -104,7 +104,7 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
   @jax.jit
   def filter_batch(batch, scores_PxN, key):
     weights = selection.filtration_weights(scores_PxN, key=key, **filt_kw)
-    return select_rows(batch, weights, keep=keep)
+    return select_rows(batch, weights, keep=keep), weights
 
   update = jax.jit(make_ppo_step(lm_apply, scalar_apply, actor_tx, critic_tx, prompt_len=plen, clip_eps=ac.clip_eps,
                                  value_clip_eps=ac.value_clip_eps, gamma=ac.gamma, lam=ac.lam,
@@ -150,13 +150,13 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
                "old_values": sc["old_values"], "scores": sc["scores"]}
       scores_PxN = sc["scores"].reshape(p_count, n)
       fkey = jax.random.fold_in(key, 1)
-      batch = filter_batch(batch, scores_PxN, fkey)
+      batch, weights_PxN = filter_batch(batch, scores_PxN, fkey)
       state, metrics = update(state, batch)
       metrics = common.to_host(metrics)
     # host-side diagnostics: RM reward vs the sandbox's truth, on all and on kept samples
     rewards = np.asarray(sc["rm_rewards"]).reshape(p_count, n)
     truth = passed.reshape(p_count, n)
-    weights = np.asarray(selection.filtration_weights(jnp.asarray(scores_PxN), key=fkey, **filt_kw))
+    weights = np.asarray(weights_PxN)  # the same weights the update used
     diag = analysis.r2_diagnostics(rewards, truth, weights, bins=pc.r2_bins)
     if r2_first is None:
       r2_first = analysis.r2_table(rewards, truth, bins=pc.r2_bins, key=fkey)

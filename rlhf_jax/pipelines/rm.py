@@ -192,14 +192,18 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   eval_step = jax.jit(make_rm_eval_step(apply_fn), in_shardings=(state_sh.params, batch_sh))
 
   def evaluate(params) -> dict[str, float]:
-    bs = min(rc.batch_size, len(eval_src))
-    loader = data.make_grain_loader(eval_src, batch_size=bs, shuffle=False, num_epochs=1, drop_remainder=True)
+    """Every held-out pair: the last batch is padded by repetition (static shapes) and trimmed."""
+    records = [eval_src[i] for i in range(len(eval_src))]
+    bs = rc.batch_size
+    padded = records + [records[-1]] * (-len(records) % bs)
     chosen, rejected = [], []
-    for batch in loader:
+    for i in range(0, len(padded), bs):
+      batch = data.collate(padded[i:i + bs])
       c, r = eval_step(params, shd.shard_batch(_encode_pairs(tok, batch, config), mesh))
       chosen.append(np.asarray(c))
       rejected.append(np.asarray(r))
-    c, r = jnp.asarray(np.concatenate(chosen)), jnp.asarray(np.concatenate(rejected))
+    chosen, rejected = np.concatenate(chosen)[:len(records)], np.concatenate(rejected)[:len(records)]
+    c, r = jnp.asarray(chosen), jnp.asarray(rejected)
     _, m = losses.bradley_terry_loss(c, r)
     out = {f"eval/{k.split('/')[-1]}": float(v) for k, v in m.items()}
     return out
