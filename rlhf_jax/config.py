@@ -391,6 +391,11 @@ def check_ppo(config, device_count: int | None) -> None:
     raise ConfigError("config.ppo.threshold", f"strategy {strategy!r} needs a threshold")
   if strategy == "top_bottom" and _get(config, "ppo.lower_threshold", None) is None:
     raise ConfigError("config.ppo.lower_threshold", "strategy 'top_bottom' needs a lower threshold")
+  source = _get(config, "ppo.reward_source", "rm")
+  if source not in ("rm", "oracle"):
+    raise ConfigError("config.ppo.reward_source", f"{source!r} is not 'rm' (the learned reward model) or 'oracle' "
+                      "(sandbox pass/fail + noise, a control experiment)")
+  _require(config, "ppo.oracle_noise", lambda v: v >= 0, "must be >= 0")
   if device_count is not None and _get(config, "mesh.shape") is not _MISSING:
     dp = data_parallel_size(config, device_count)
     for path, rows in (("ppo.rollout_batch", _get(config, "ppo.rollout_batch", 1)),

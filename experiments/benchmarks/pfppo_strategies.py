@@ -12,6 +12,9 @@ r"""PF-PPO strategy comparison on MiniCode (the paper's Tables 1 and 2 at CPU sc
 3. Table 2: greedy pass@1 on the MiniCode test split for SFT only, PPO-S
    (1 sample per prompt, N× the prompts), PPO-M (`none`: all N), BoN, BR, BW,
    each PPO variant with every seed.
+`--base DIR` starts from the SFT + RM of an earlier comparison, e.g. for the
+control experiment that trains on the sandbox outcome + noise instead of the
+RM (`--override ppo.reward_source=oracle`).
 Writes `<workdir>/strategies.json`, `<workdir>/strategies.png` and prints the
 markdown tables that go into experiments/RESULTS.md. Extra `--override
 a.b=v` flags are passed to every run (e.g. `--override ppo.iterations=8`).
@@ -62,21 +65,26 @@ def main() -> int:
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
   parser.add_argument("--override", action="append", default=[], help="a.b=v passed to every run")
+  parser.add_argument("--base", default=None,
+                      help="finished SFT + RM workdir to start from (default <workdir>/base; trained if missing)")
   args = parser.parse_args()
   workdir = os.path.abspath(args.workdir)
-  base = os.path.join(workdir, "base")
+  base = os.path.abspath(args.base) if args.base else os.path.join(workdir, "base")
   os.makedirs(base, exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "log.txt"), "a")
   data_dir = os.path.join(base, "data")
   # SFT and every PPO run are scored on the same problems: the whole MiniCode test split.
   common = {"task.data_dir": data_dir, "logging.progress": False, "ppo.eval_problems": 0, "eval.num_problems": 0}
 
   print("[1/3] SFT + reward model (shared)", flush=True)
-  run(base, {**common, "stages": "('sft','rm','eval')", "eval.split": "test", "sampling.temperature": 0.0},
-      args.override, log)
+  if not os.path.exists(os.path.join(base, "eval", "report.json")):
+    run(base, {**common, "stages": "('sft','rm','eval')", "eval.split": "test", "sampling.temperature": 0.0},
+        args.override, log)
   print("[2/3] R² per strategy on the SFT policy (validation prompts)", flush=True)
-  run(base, {**common, "stages": "('r2',)", "eval.params_dir": os.path.join(base, "sft", "final"),
-             "eval.split": "validation", "eval.num_problems": 128}, args.override, log)
+  if not os.path.exists(os.path.join(base, "r2", "table.json")):
+    run(base, {**common, "stages": "('r2',)", "eval.params_dir": os.path.join(base, "sft", "final"),
+               "eval.split": "validation", "eval.num_problems": 128}, args.override, log)
 
   print("[3/3] PPO variants × seeds", flush=True)
   p_default = None

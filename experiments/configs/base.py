@@ -111,6 +111,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ppo.eval_at_start = True         # also evaluate the SFT policy before the first iteration
   config.ppo.eval_problems = 128          # MiniCode test problems for pass@1 (0 = all)
   config.ppo.r2_bins = 10
+  # Reward the policy is trained on. "rm": the learned reward model (the method). "oracle": a
+  # control experiment only — the sandbox's pass/fail plus Gaussian noise of std
+  # `oracle_noise`, to separate the RM's quality from the rest of the pipeline.
+  config.ppo.reward_source = "rm"
+  config.ppo.oracle_noise = 0.5
   config.ppo.rollout_batch = 16           # prompts per sampler call
   config.ppo.entropy_coef = 0.0
   config.ppo.threshold = placeholder(float)        # top / top_random / top_bottom (normalised reward)

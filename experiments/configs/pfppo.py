@@ -28,7 +28,7 @@ def get_config():
   config.sampling.top_p = 1.0
 
   config.sft.steps = 300
-  config.sft.batch_size = 32
+  config.sft.batch_size = 16           # 32 reaches pass@1 0.177 instead of 0.115 but takes 9 of the 10 minutes
   config.sft.eval_every = 200
   config.sft.optimizer.learning_rate = 2e-3
   config.sft.optimizer.warmup_steps = 30
@@ -36,8 +36,8 @@ def get_config():
   config.rm.num_prompts = 64
   config.rm.samples_per_prompt = 8
   config.rm.temperature = 0.7          # more passing samples to pair than at T=1
-  config.rm.steps = 100
-  config.rm.batch_size = 16
+  config.rm.steps = 50
+  config.rm.batch_size = 8
   config.rm.optimizer.learning_rate = 3e-4
   config.rm.optimizer.warmup_steps = 10
 

@@ -5,6 +5,8 @@ Each iteration (ALGORITHMS.md §4.4), for P prompts and N samples per prompt:
   score     jitted forwards: reference log-probs, critic values, RM rewards (normalised)
   sandbox   the completions run against their hidden tests: the true score, used
             only for metrics (pass rate, RM–truth correlation, R²), never for training
+            — except in the control experiment `ppo.reward_source="oracle"`, which
+            trains on pass/fail + Gaussian noise to measure what a better RM would buy
   filter    `selection.filtration_weights(strategy)` per prompt; rank-based
             strategies are compacted to the kept rows (a static-size gather)
   update    one jitted PPO update: KL-shaped rewards, GAE, whitening, epochs ×
@@ -144,6 +146,10 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
       toks, cmask = jax.device_get((out.completion_tokens, out.completion_mask))
       texts = [tok.decode(t[m > 0]) for t, m in zip(toks, cmask)]
       passed = rollout.grade_minicode(problems, texts, n=n)
+    if pc.reward_source == "oracle":  # control experiment: train on the test outcome + noise, not the RM
+      noise = np.random.default_rng([config.seed, it]).normal(0.0, pc.oracle_noise, passed.shape)
+      oracle = jnp.asarray(passed + noise, jnp.float32)
+      sc = {**sc, "rm_rewards": oracle, "scores": oracle}
     with timers("update"):
       batch = {"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
                "old_logprobs": out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"],
@@ -184,7 +190,7 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
   if r2_first:
     plot_bars({k: v["r2_binned"] for k, v in r2_first.items()}, os.path.join(out_dir, "r2.png"),
               title="binned R² of RM reward vs. pass, per strategy (first rollout)", ylabel="R²")
-  summary = {"strategy": ac.strategy, "sft_pass@1": sft_pass, "final_pass@1": final_pass,
+  summary = {"strategy": ac.strategy, "reward_source": pc.reward_source, "sft_pass@1": sft_pass, "final_pass@1": final_pass,
              "iterations": pc.iterations, "wall_s": time.time() - t0, "r2_first_rollout": r2_first}
   common.write_json(os.path.join(out_dir, "summary.json"), summary)
   print(f"[ppo] done: greedy pass@1 {sft_pass:.3f} (SFT) -> {final_pass:.3f} in {summary['wall_s']:.0f} s"

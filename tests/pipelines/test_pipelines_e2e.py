@@ -147,3 +147,30 @@ def test_eval_and_r2_stages_report(pfppo_run):
   assert set(table) == {"none", "best_of_n", "best_random", "best_worst"}
   assert table["none"]["kept"] == 8 * 3 and table["best_of_n"]["kept"] == 8 and table["best_worst"]["kept"] == 16
   assert os.path.getsize(os.path.join(workdir, "r2", "r2.png")) > 0
+
+
+def test_oracle_reward_control_trains_on_the_test_outcome(pfppo_run, tmp_path):
+  """`ppo.reward_source="oracle"` (a control experiment) rewards exactly the sandbox's pass/fail at noise 0."""
+  config, workdir, _, _ = pfppo_run
+  config = config.copy_and_resolve_references()
+  config.ppo.reward_source = "oracle"
+  config.ppo.oracle_noise = 0.0
+  config.ppo.iterations = 1
+  config.ppo.eval_at_start = False
+  run_dir = str(tmp_path / "oracle")
+  os.makedirs(run_dir)
+  for stage in ("sft", "rm"):
+    os.symlink(os.path.join(workdir, stage), os.path.join(run_dir, stage))
+  summary = ppo.run_ppo(config, run_dir)
+  assert summary["reward_source"] == "oracle"
+  row = [r for r in read_metrics(os.path.join(run_dir, "ppo", "metrics.jsonl")) if "kl/ref" in r][-1]
+  # The update's mean reward over the kept rows is the kept rows' true pass rate.
+  assert row["reward/score"] == pytest.approx(row["true/pass_rate_kept"], abs=1e-6)
+
+
+def test_reward_source_is_validated():
+  from rlhf_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  c = small_config()
+  c.ppo.reward_source = "sandbox"
+  with pytest.raises(ConfigError, match="ppo.reward_source"):
+    validate_config(c, get_base_config(), device_count=jax.device_count())
