@@ -15,7 +15,7 @@ r"""PF-PPO strategy comparison on MiniCode (the paper's Tables 1 and 2 at CPU sc
 `--base DIR` starts from the SFT + RM of an earlier comparison, e.g. for the
 control experiment that trains on the sandbox outcome + noise instead of the
 RM (`--override ppo.reward_source=oracle`).
-Writes `<workdir>/strategies.json`, `<workdir>/strategies.png` and prints the
+Writes `<workdir>/strategies.json`, `strategies.png` (pass@1), `strategies_r2.png` (Table 1) and prints the
 markdown tables that go into experiments/RESULTS.md. Extra `--override
 a.b=v` flags are passed to every run (e.g. `--override ppo.iterations=8`).
 """
@@ -30,6 +30,8 @@ import sys
 import time
 
 import numpy as np
+
+from rlhf_jax.utils import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -89,6 +91,7 @@ def main() -> int:
   print("[3/3] PPO variants × seeds", flush=True)
   p_default = None
   results: dict[str, list[float]] = {}
+  diag: dict[str, list[dict]] = {}  # per run: final KL, mean RM–truth correlation, mean sample pass rate
   for seed in args.seeds:
     for name in args.strategies:
       over = dict(STRATEGIES[name])
@@ -114,6 +117,10 @@ def main() -> int:
             args.override, log)
       with open(summary_path) as f:
         results.setdefault(name, []).append(float(json.load(f)["final_pass@1"]))
+      rows = [r for r in read_metrics(os.path.join(run_dir, "ppo", "metrics.jsonl")) if "kl/ref" in r]
+      diag.setdefault(name, []).append({"kl": rows[-1]["kl/ref"],
+                                        "rm_corr": float(np.nanmean([r["true/rm_corr"] for r in rows])),
+                                        "pass_rate": float(np.mean([r["true/pass_rate"] for r in rows]))})
 
   with open(os.path.join(base, "eval", "report.json")) as f:
     sft_report = json.load(f)
@@ -124,11 +131,14 @@ def main() -> int:
   table1 = ["| strategy | binned R² | unbinned R² | kept samples |", "|---|---|---|---|"]
   for k, v in r2["table"].items():
     table1.append(f"| {k} | {v['r2_binned']:.3f} | {v['r2']:.3f} | {v['kept']} |")
-  table2 = ["| method | greedy pass@1 (test), mean ± std | per seed |", "|---|---|---|",
-            f"| SFT | {sft_pass:.3f} | (shared) |"]
+  table2 = ["| method | greedy pass@1 (test), mean ± std | per seed | final KL | RM–truth corr | sample pass rate |",
+            "|---|---|---|---|---|---|", f"| SFT | {sft_pass:.3f} | (shared) | | | |"]
   for name, vals in results.items():
-    table2.append(f"| {name} | {np.mean(vals):.3f} ± {np.std(vals):.3f} | {', '.join(f'{v:.3f}' for v in vals)} |")
-  out = {"sft_pass@1": sft_pass, "r2_sft": r2, "pass@1": results, "seeds": args.seeds, "overrides": args.override}
+    d = {k: np.mean([x[k] for x in diag[name]]) for k in ("kl", "rm_corr", "pass_rate")}
+    table2.append(f"| {name} | {np.mean(vals):.3f} ± {np.std(vals):.3f} | {', '.join(f'{v:.3f}' for v in vals)} "
+                  f"| {d['kl']:.2f} | {d['rm_corr']:+.2f} | {d['pass_rate']:.3f} |")
+  out = {"sft_pass@1": sft_pass, "r2_sft": r2, "pass@1": results, "diagnostics": diag, "seeds": args.seeds,
+         "overrides": args.override}
   with open(os.path.join(workdir, "strategies.json"), "w") as f:
     json.dump(out, f, indent=2)
   try:
@@ -138,6 +148,8 @@ def main() -> int:
     errs = {"SFT": 0.0, **{k: float(np.std(v)) for k, v in results.items()}}
     plot_bars(means, os.path.join(workdir, "strategies.png"), title="MiniCode test greedy pass@1", ylabel="pass@1",
               errors=errs)
+    plot_bars({k: v["r2_binned"] for k, v in r2["table"].items()}, os.path.join(workdir, "strategies_r2.png"),
+              title="binned R² of RM reward vs pass on the SFT policy's samples", ylabel="R²")
   except Exception as e:  # pylint: disable=broad-except
     print(f"(plot skipped: {e})")
   print(f"\nTable 1 — R² on the SFT policy ({r2['prompts']} prompts × {r2['samples_per_prompt']} samples, "
