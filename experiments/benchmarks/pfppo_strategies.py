@@ -16,8 +16,9 @@ r"""PF-PPO strategy comparison on MiniCode (the paper's Tables 1 and 2 at CPU sc
 control experiment that trains on the sandbox outcome + noise instead of the
 RM (`--override ppo.reward_source=oracle`).
 Writes `<workdir>/strategies.json`, `strategies.png` (pass@1), `strategies_r2.png` (Table 1) and prints the
-markdown tables that go into experiments/RESULTS.md. Extra `--override
-a.b=v` flags are passed to every run (e.g. `--override ppo.iterations=8`).
+markdown tables that go into experiments/RESULTS.md. Every run gets pfppo.py plus
+`COMPARISON_OVERRIDES` below; extra `--override a.b=v` flags are passed to every
+run and replace those (e.g. `--override ppo.iterations=8`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ STRATEGIES = {  # name -> config overrides
     "BoN": {"algo.strategy": "best_of_n"},
     "BR": {"algo.strategy": "best_random"},
     "BW": {"algo.strategy": "best_worst"},
+}
+
+
+# On top of pfppo.py (whose SFT and RM are cut to fit the 10-minute default run): the better
+# 300 × 32 SFT policy, an RM on 256 prompts, and an actor learning rate that moves the policy.
+COMPARISON_OVERRIDES = {
+    "sft.batch_size": 32,
+    "rm.num_prompts": 256, "rm.steps": 80, "rm.batch_size": 16, "rm.optimizer.learning_rate": 1e-4,
+    "ppo.actor_optimizer.learning_rate": 5e-5, "ppo.eval_every": 10,
 }
 
 
@@ -70,6 +80,8 @@ def main() -> int:
   parser.add_argument("--base", default=None,
                       help="finished SFT + RM workdir to start from (default <workdir>/base; trained if missing)")
   args = parser.parse_args()
+  given = {o.split("=", 1)[0] for o in args.override}
+  args.override = [f"{k}={v}" for k, v in COMPARISON_OVERRIDES.items() if k not in given] + args.override
   workdir = os.path.abspath(args.workdir)
   base = os.path.abspath(args.base) if args.base else os.path.join(workdir, "base")
   os.makedirs(base, exist_ok=True)
