@@ -190,8 +190,9 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
   if r2_first:
     plot_bars({k: v["r2_binned"] for k, v in r2_first.items()}, os.path.join(out_dir, "r2.png"),
               title="binned R² of RM reward vs. pass, per strategy (first rollout)", ylabel="R²")
-  summary = {"strategy": ac.strategy, "reward_source": pc.reward_source, "sft_pass@1": sft_pass, "final_pass@1": final_pass,
-             "iterations": pc.iterations, "wall_s": time.time() - t0, "r2_first_rollout": r2_first}
+  summary = {"strategy": ac.strategy, "reward_source": pc.reward_source, "sft_pass@1": sft_pass,
+             "final_pass@1": final_pass, "iterations": pc.iterations, "wall_s": time.time() - t0,
+             "r2_first_rollout": r2_first}
   common.write_json(os.path.join(out_dir, "summary.json"), summary)
   print(f"[ppo] done: greedy pass@1 {sft_pass:.3f} (SFT) -> {final_pass:.3f} in {summary['wall_s']:.0f} s"
         if pc.eval_at_start else f"[ppo] done: greedy pass@1 {final_pass:.3f} in {summary['wall_s']:.0f} s")
