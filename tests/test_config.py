@@ -84,7 +84,8 @@ def test_accepted_type_conversions(config):
   config.model.max_seq_len = None  # optional
   config.model.n_heads = 4
   config.algo.kl_target = 6  # int for an optional float
-  validate_config(config, base.get_base_config(), device_count=8)
+  validate_config(config, base.get_base_config(), device_count=8)  # raises ConfigError if any is rejected
+  assert (config.sampling.temperature, config.algo.kl_target) == (1, 6)  # accepted unchanged
 
 
 def test_sequence_element_types(config):
