@@ -1,6 +1,8 @@
 r"""Runs the pipeline stages of a config.
 
   python -m experiments.run --config=sft.py [--config.sft.steps=50 ...] [--workdir=DIR]
+  python -m experiments.run --help                   # usage and the available configs
+  python -m experiments.run --config=sft.py --help   # the config's fields and their values
 
 `--config` takes a name in experiments/configs/ (`sft`, `sft.py`), a path to a
 config file, and optionally `:arg` passed to its `get_config(arg)`. Every field
@@ -23,6 +25,7 @@ stage `x` is `rlhf_jax.pipelines.x.run_x(config, workdir)`, or
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -60,6 +63,12 @@ def _fail(message: str) -> None:
 
 
 # --- config lookup -----------------------------------------------------------------
+def available_configs() -> list[str]:
+  """Names of the runnable configs in experiments/configs/ (not `base`, not `_private`)."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith(".py") and not f.startswith("_") and f != "base.py")
+
+
 def resolve_config_path(spec: str) -> str:
   """`sft` / `sft.py` / `path/to/x.py`, each with optional `:arg` → a file path (+ :arg)."""
   path, sep, arg = spec.partition(":")
@@ -69,10 +78,8 @@ def resolve_config_path(spec: str) -> str:
   for candidate in candidates:
     if os.path.isfile(candidate):
       return candidate + sep + arg
-  available = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
-                     if f.endswith(".py") and not f.startswith("_"))
   raise UsageError(f"--config: unknown config {path!r} (not a file, not in "
-                   f"{CONFIG_DIR}); available: {', '.join(available)}")
+                   f"{CONFIG_DIR}); available: {', '.join(available_configs())}")
 
 
 def config_name(spec: str) -> str:
@@ -91,11 +98,86 @@ def _rewrite_config_arg(argv: Sequence[str]) -> list[str]:
     if arg == "--config" and i + 1 < len(argv):
       argv[i + 1] = resolve_config_path(argv[i + 1])
       return argv
-  raise UsageError("--config is required, e.g. --config=sft.py")
+  raise UsageError(f"--config is required, e.g. --config=sft.py (available: "
+                   f"{', '.join(available_configs())}; --help shows more)")
+
+
+# --- help ---------------------------------------------------------------------------
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+_OWN_FLAGS = ("config", "workdir", "multihost", "coordinator_address", "num_processes", "process_id")
+
+
+def _summary(path: str) -> str:
+  """First line of a config file's docstring, read without importing it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ""
+  except (OSError, SyntaxError, ValueError):
+    return ""
+  return doc.strip().split("\n", 1)[0]
+
+
+def usage() -> str:
+  """`--help` without a config: how to run, the available configs, the flags."""
+  names = available_configs()
+  width = max(map(len, names), default=0)
+  lines = ["usage: python -m experiments.run --config=NAME[:ARG] [--config.SECTION.FIELD=VALUE ...] "
+           "[--workdir=DIR]", "", __doc__.strip(), "",
+           f"available configs ({CONFIG_DIR}):"]
+  lines += [f"  {n:<{width}}  {_summary(os.path.join(CONFIG_DIR, n + '.py'))}".rstrip() for n in names]
+  lines += ["", "flags:"]
+  lines += [f"  --{name}: {flags.FLAGS[name].help}" for name in _OWN_FLAGS]
+  lines += ["", "A config's fields and their values: python -m experiments.run --config=NAME --help"]
+  return "\n".join(lines)
+
+
+def config_fields(config, prefix: str = "") -> list[tuple[str, object]]:
+  """(dotted name, value) of every leaf field of a ConfigDict, in key order."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  out = []
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, ml_collections.ConfigDict):
+      out += config_fields(value, f"{prefix}{key}.")
+    else:
+      out.append((f"{prefix}{key}", value))
+  return out
+
+
+def describe_config(spec: str, config) -> str:
+  """`--config=X --help`: the config's fields (overrides applied) and their values."""
+  fields = config_fields(config)
+  width = max((len(name) for name, _ in fields), default=0)
+  lines = [f"config {config_name(spec)} ({spec.partition(':')[0]}): {len(fields)} fields; set any with "
+           "--config.NAME=VALUE", ""]
+  lines += [f"  {name:<{width}} = {value!r}" for name, value in fields]
+  return "\n".join(lines)
+
+
+def _print_help(argv: Sequence[str]) -> None:
+  """Prints usage (no --config) or the config's fields, then exits 0."""
+  argv = [a for a in argv if a not in _HELP_FLAGS]
+  if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    print(usage(), flush=True)
+    sys.exit(0)
+  try:
+    argv = _rewrite_config_arg(argv)
+    flags.FLAGS(argv)
+    config = _CONFIG.value
+  except UsageError as e:
+    _fail(str(e))
+  except flags.Error as e:
+    _fail(_unknown_override(argv) or str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_unknown_override(argv) or f"{type(e).__name__}: {e}")
+  print(describe_config(flags.FLAGS["config"].config_filename, config), flush=True)
+  sys.exit(0)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flag parser for app.run that turns every flag problem into exit 2."""
+  if any(a in _HELP_FLAGS for a in argv[1:]):
+    _print_help(argv)
   try:
     argv = _rewrite_config_arg(argv)
     rest = flags.FLAGS(argv)

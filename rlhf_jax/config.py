@@ -365,21 +365,33 @@ def check_algo(config, device_count: int | None) -> None:
 
 
 _KEEP_PER_PROMPT = {"best_of_n": 1, "best_random": 2, "best_worst": 2}
+ADVANTAGE_KINDS = ("gae", "grpo", "rloo", "reinforce")
+RL_STAGES = ("ppo", "grpo")
+REWARD_SOURCES = ("rm", "task")
+NOISE_SHAPES = ("constant", "midrange")
 
 
 def check_ppo(config, device_count: int | None) -> None:
-  """PPO shapes that must divide, thresholds the strategy needs, the task the RL stages grade."""
+  """RL loop shapes that must divide, thresholds the strategy needs, a reward and sampler RL can use."""
   stages = tuple(_get(config, "stages", ()))
   p_count = _get(config, "ppo.prompts_per_iteration", None)
   n = _get(config, "ppo.samples_per_prompt", None)
   if p_count is None or n is None:
     return
-  _require(config, "ppo.prompts_per_iteration", lambda v: v >= 1, "must be >= 1")
-  _require(config, "ppo.samples_per_prompt", lambda v: v >= 1, "must be >= 1")
-  _require(config, "ppo.iterations", lambda v: v >= 1, "must be >= 1")
+  for key in ("prompts_per_iteration", "samples_per_prompt", "iterations", "eval_samples", "checkpoint_every",
+              "rollout_batch"):
+    _require(config, f"ppo.{key}", lambda v: v >= 1, "must be >= 1")
+  _require(config, "ppo.eval_prompts", lambda v: v >= 0, "must be >= 0 (0 = no held-out evaluation)")
+  advantage = _get(config, "algo.advantage", "gae")
+  _require(config, "algo.advantage", lambda v: v in ADVANTAGE_KINDS, f"must be one of {ADVANTAGE_KINDS}")
+  if advantage != "gae" and n < 2:
+    raise ConfigError("config.ppo.samples_per_prompt", f"advantage {advantage!r} compares the samples of a prompt: "
+                      f"needs at least 2, got {n}")
+  if "grpo" in stages and advantage == "gae":
+    raise ConfigError("config.algo.advantage", "the grpo stage is critic-free: set grpo, rloo or reinforce "
+                      "(or run the ppo stage for GAE with a critic)")
   strategy = _get(config, "algo.strategy", "none")
-  keep = _KEEP_PER_PROMPT.get(strategy, n) if strategy in _KEEP_PER_PROMPT else n
-  keep = min(keep, n)
+  keep = min(_KEEP_PER_PROMPT.get(strategy, n), n)
   minibatches = _get(config, "algo.minibatches", 1)
   if (p_count * keep) % minibatches:
     raise ConfigError("config.algo.minibatches", f"{minibatches} minibatches do not divide the "
@@ -391,26 +403,80 @@ def check_ppo(config, device_count: int | None) -> None:
     raise ConfigError("config.ppo.threshold", f"strategy {strategy!r} needs a threshold")
   if strategy == "top_bottom" and _get(config, "ppo.lower_threshold", None) is None:
     raise ConfigError("config.ppo.lower_threshold", "strategy 'top_bottom' needs a lower threshold")
-  source = _get(config, "ppo.reward_source", "rm")
-  if source not in ("rm", "oracle"):
-    raise ConfigError("config.ppo.reward_source", f"{source!r} is not 'rm' (the learned reward model) or 'oracle' "
-                      "(sandbox pass/fail + noise, a control experiment)")
-  _require(config, "ppo.oracle_noise", lambda v: v >= 0, "must be >= 0")
+  _require(config, "ppo.reward_source", lambda v: v in REWARD_SOURCES,
+           "must be 'rm' (the learned reward model) or 'task' (the task's exact grader, optionally + noise)")
+  _require(config, "ppo.reward_noise", lambda v: v >= 0, "must be >= 0")
+  _require(config, "ppo.reward_noise_shape", lambda v: v in NOISE_SHAPES, f"must be one of {NOISE_SHAPES}")
+  if any(s in RL_STAGES for s in stages):
+    if _get(config, "sampling.top_k", 0) or _get(config, "sampling.top_p", 1.0) < 1.0:
+      raise ConfigError("config.sampling.top_k" if _get(config, "sampling.top_k", 0) else "config.sampling.top_p",
+                        "RL stages sample at a temperature only: the training forward's log-probs, KL and "
+                        "entropy refer to softmax(logits / T), which top-k / top-p would change")
+    if not _get(config, "sampling.temperature", 1.0) > 0:
+      raise ConfigError("config.sampling.temperature", "RL stages need a temperature > 0 (greedy has no log-probs)")
   if device_count is not None and _get(config, "mesh.shape") is not _MISSING:
     dp = data_parallel_size(config, device_count)
     for path, rows in (("ppo.rollout_batch", _get(config, "ppo.rollout_batch", 1)),
                        ("ppo.prompts_per_iteration", p_count)):
       if rows % dp:
         raise ConfigError(f"config.{path}", f"{rows} is not divisible by the data-parallel size {dp}")
-  if any(s in ("rm", "ppo") for s in stages) and _get(config, "task.name", None) != "minicode":
-    raise ConfigError("config.task.name", "the rm and ppo stages grade MiniCode programs in the sandbox; "
-                      "set task.name='minicode'")
+
+
+def check_task(config, device_count: int | None) -> None:
+  """The task exists (built-in or importable `module:function`) and its sizes are usable."""
+  del device_count
+  name = _get(config, "task.name", None)
+  if name is not None:
+    from rlhf_jax.tasks.registry import check_task_name  # pylint: disable=import-outside-toplevel
+    problem = check_task_name(name)
+    if problem:
+      raise ConfigError("config.task.name", problem)
+  for key in ("num_train", "num_eval", "synthetic_max_len"):
+    _require(config, f"task.{key}", lambda v: v >= 1, "must be >= 1")
+  eval_task = _get(config, "eval.task", None)
+  if eval_task:
+    from rlhf_jax.tasks.registry import check_task_name  # pylint: disable=import-outside-toplevel
+    problem = check_task_name(eval_task)
+    if problem:
+      raise ConfigError("config.eval.task", problem)
+
+
+def check_rm(config, device_count: int | None) -> None:
+  del device_count
+  _require(config, "rm.num_prompts", lambda v: v >= 2, "must be >= 2 (some are held out)")
+  _require(config, "rm.samples_per_prompt", lambda v: v >= 2, "must be >= 2 (pairs compare samples of a prompt)")
+  _require(config, "rm.max_pairs_per_prompt", lambda v: v >= 1, "must be >= 1")
+  _require(config, "rm.eval_fraction", lambda v: 0 < v < 1, "must be in (0, 1)")
+  _require(config, "rm.min_score_gap", lambda v: 0 <= v < 1, "must be in [0, 1)")
+  _require(config, "rm.temperature", lambda v: v > 0, "must be > 0")
+
+
+def check_eval(config, device_count: int | None) -> None:
+  del device_count
+  _require(config, "eval.num_problems", lambda v: v >= 0, "must be >= 0 (0 = all)")
+  _require(config, "eval.num_samples", lambda v: v >= 1, "must be >= 1")
+  n = _get(config, "eval.num_samples", None)
+  ks = _get(config, "eval.ks", None)
+  if n is not None and ks is not None:
+    for i, k in enumerate(ks):
+      if not 1 <= k <= n:
+        raise ConfigError(f"config.eval.ks[{i}]", f"pass@{k} needs 1 <= k <= eval.num_samples ({n})")
+
+
+def check_finite(config, device_count: int | None) -> None:
+  """Every float setting is finite (an inf learning rate is never meant)."""
+  del device_count
+  for path, section in _sections(config):
+    for key in section.keys():
+      value = section[key]
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config.{path}.{key}", f"must be finite, got {value!r}")
 
 
 def check_loop(config, device_count: int | None) -> None:
   del device_count
   for path, section in _sections(config):
-    for key in ("steps", "eval_every", "every_steps", "max_to_keep"):
+    for key in ("steps", "eval_every", "every_steps", "max_to_keep", "iterations"):
       if key in section and section[key] is not None and section[key] < 1:
         raise ConfigError(f"config.{path}.{key}", f"must be >= 1, got {section[key]}")
     if "eval_batches" in section and section["eval_batches"] < 0:
@@ -420,8 +486,8 @@ def check_loop(config, device_count: int | None) -> None:
 
 Check = Callable[[ml_collections.ConfigDict, "int | None"], None]
 DEFAULT_CHECKS: tuple[Check, ...] = (
-    check_stages, check_mesh, check_batch_sizes, check_sampling, check_model,
-    check_lengths, check_optimizers, check_algo, check_ppo, check_loop,
+    check_stages, check_finite, check_mesh, check_batch_sizes, check_sampling, check_model,
+    check_lengths, check_loop, check_optimizers, check_algo, check_task, check_rm, check_ppo, check_eval,
 )
 
 

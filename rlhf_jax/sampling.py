@@ -11,10 +11,15 @@
   The decode state (token buffers and the KV cache) is donated, so XLA
   updates it in place.
 
-Rows are prompt-major: sample n of prompt p is row `p * N + n`. Log-probs are
-those of the model's own distribution (temperature 1, no top-k/top-p), the
-quantity PPO's importance ratio and KL need; they equal a full forward pass
-over the returned buffer.
+Rows are prompt-major: sample n of prompt p is row `p * N + n`.
+
+Log-probs are those of the distribution actually sampled: `log_softmax(logits / T)`
+at temperature T (with top-k / top-p, of the filtered distribution that was
+sampled). They equal `steps.completion_logprobs(..., temperature=T)` over the
+returned buffer, which is what PPO's importance ratio, the KL and the entropy
+use, so the first minibatch's ratio is exactly 1. RL stages refuse top-k/top-p
+(the training forward has no filter). Greedy decoding (T = 0) reports the
+model's own log-probs (T = 1).
 """
 
 from __future__ import annotations
@@ -91,14 +96,18 @@ def filter_logits(logits_RxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
 
 
 def sample_token(logits_RxV: jax.Array, rng: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
-  """Draw one token per row; return (token [R], its log-prob under the raw model [R])."""
+  """Draw one token per row; return (token [R], its log-prob under the sampled distribution [R]).
+
+  The sampled distribution is softmax(filter(logits / T)); greedy (T = 0) returns log softmax(logits).
+  """
   logits = logits_RxV.astype(jnp.float32)
   if params.temperature == 0.0:
     token = jnp.argmax(logits, axis=-1)
+    dist = logits
   else:
-    scaled = filter_logits(logits / params.temperature, top_k=params.top_k, top_p=params.top_p)
-    token = jax.random.categorical(rng, scaled, axis=-1)
-  logp = jax.nn.log_softmax(logits, axis=-1)
+    dist = filter_logits(logits / params.temperature, top_k=params.top_k, top_p=params.top_p)
+    token = jax.random.categorical(rng, dist, axis=-1)
+  logp = jax.nn.log_softmax(dist, axis=-1)
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
@@ -221,19 +230,21 @@ class Sampler:
 _SAMPLERS: dict[Any, Sampler] = {}
 
 
+def get_sampler(cfg: ModelConfig, sampling: SamplingParams, *, eos_id: int, pad_id: int,
+                mesh: Optional[Mesh] = None) -> Sampler:
+  """The compiled sampler for these static settings, built once per process and reused."""
+  key = (cfg, sampling, int(eos_id), int(pad_id), mesh)
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = Sampler(cfg, sampling, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
+  return _SAMPLERS[key]
+
+
 def generate(params, prompt_tokens_BxP, prompt_mask_BxP, rng, *, cfg: ModelConfig, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              num_samples: int = 1, mesh: Optional[Mesh] = None) -> SampleOutput:
   """Functional entry point; compiled samplers are cached by their static settings."""
   sp = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       num_samples=num_samples)
-  key = (cfg, sp, int(eos_id), int(pad_id), mesh)
-  if key not in _SAMPLERS:
-    _SAMPLERS[key] = Sampler(cfg, sp, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
-  return _SAMPLERS[key](params, prompt_tokens_BxP, prompt_mask_BxP, rng)
+  return get_sampler(cfg, sp, eos_id=eos_id, pad_id=pad_id, mesh=mesh)(params, prompt_tokens_BxP, prompt_mask_BxP,
+                                                                        rng)
 
-
-def decode_completions(tokenizer, out: SampleOutput) -> list[str]:
-  """Host-side: completion strings (one device_get for the whole batch)."""
-  toks, mask = jax.device_get((out.completion_tokens, out.completion_mask))
-  return [tokenizer.decode(np.asarray(t)[np.asarray(m) > 0]) for t, m in zip(toks, mask)]

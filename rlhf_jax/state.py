@@ -23,6 +23,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "apply_gradients",
+    "apply_gradients_with_status",
     "make_schedule",
     "make_optimizer",
     "current_learning_rate",
@@ -90,24 +91,71 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
   )
 
 
-def apply_gradients(state: TrainState, grads: Any,
-                    optimizer: optax.GradientTransformation) -> TrainState:
-  """One optimizer update: `params ← params + optimizer.update(grads)`, step + 1.
+def _all_finite(tree: Any) -> jax.Array:
+  """True when every floating leaf of `tree` is free of NaN and Inf (a bool scalar, no host sync)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def apply_gradients_with_status(state: TrainState, grads: Any, optimizer: optax.GradientTransformation, *,
+                                loss: jax.Array | None = None) -> tuple[TrainState, jax.Array]:
+  """One guarded optimizer update, and whether it was skipped.
+
+    ok      = isfinite(loss) ∧ isfinite(grads) ∧ isfinite(updates)     (every element)
+    params  ← ok ? params + optimizer.update(grads) : params
+    opt_state ← ok ? new opt_state : opt_state
+    step    ← step + 1                                                 (always)
+
+  A non-finite loss or gradient (NaN or Inf anywhere, so also a non-finite
+  global norm) or an update made non-finite by the optimizer (e.g. an
+  infinite learning rate) leaves `params` and `opt_state` bit-identical: the
+  step counter still advances, so the data position and per-step keys stay in
+  step with an unskipped run. The choice is made with `jnp.where` inside the
+  traced function: no Python branch on values, no host sync.
 
   Args:
     state: current state.
     grads: gradients with the structure of `state.params`.
     optimizer: the transformation that built `state.opt_state`.
+    loss: optional loss (any shape) checked with the gradients.
+
+  Returns:
+    `(new_state, skipped)`: `skipped` is a float32 scalar, 1.0 when the update
+    was skipped and 0.0 when it was applied (a metric that averages to the
+    fraction of skipped steps).
+  """
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  ok = _all_finite(grads) & _all_finite(updates)
+  if loss is not None:
+    ok = ok & jnp.all(jnp.isfinite(jnp.asarray(loss)))
+  keep = lambda new, old: jnp.where(ok, new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=jax.tree.map(keep, optax.apply_updates(state.params, updates), state.params),
+      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+  )
+  return new_state, 1.0 - ok.astype(jnp.float32)
+
+
+def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation, *,
+                    loss: jax.Array | None = None) -> TrainState:
+  """One optimizer update: `params ← params + optimizer.update(grads)`, step + 1.
+
+  Guarded: a non-finite loss, gradient or update skips the update (params and
+  opt_state unchanged, step + 1); see `apply_gradients_with_status`, which
+  also returns the skipped flag for the metrics.
+
+  Args:
+    state: current state.
+    grads: gradients with the structure of `state.params`.
+    optimizer: the transformation that built `state.opt_state`.
+    loss: optional loss checked with the gradients.
 
   Returns:
     The new state; `rng` is unchanged (keys are derived with `fold_in(rng, step)`).
   """
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  return state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
-      opt_state=opt_state,
-  )
+  return apply_gradients_with_status(state, grads, optimizer, loss=loss)[0]
 
 
 def make_schedule(*, learning_rate: float, schedule: str = "cosine",

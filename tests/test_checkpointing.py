@@ -262,3 +262,193 @@ def test_interrupted_save_is_invisible(tmp_path):
     assert ckpt.all_steps() == [1]
     _, meta = ckpt.restore(checkpointing.abstract_like(state))
   assert meta == {"ok": True}
+
+
+# --- integrity: checksums, non-finite states, corruption, fallback ------------------
+def _array_files(step_dir):
+  """The array data files of a saved step (ocdbt data blobs), largest first."""
+  found = []
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    if os.sep + "d" in root[len(str(step_dir)):]:
+      found += [os.path.join(root, f) for f in files]
+  return sorted(found, key=os.path.getsize, reverse=True)
+
+
+def _scribble(step_dir, seed=0):
+  """Writes random bytes into the middle of the largest array file of each data directory (sizes kept).
+
+  Orbax keeps the arrays (zstd-compressed) in an OCDBT store, per-process and
+  merged; both are hit. Depending on where the bytes land, the restore fails
+  or (without checksums) returns wrong values silently.
+  """
+  by_dir = {}
+  for path in _array_files(step_dir):
+    by_dir.setdefault(os.path.dirname(path), path)  # largest first
+  for path in by_dir.values():
+    data = bytearray(open(path, "rb").read())
+    start = len(data) // 2
+    data[start:start + 64] = np.random.default_rng(seed).bytes(64)
+    with open(path, "wb") as f:
+      f.write(bytes(data))
+
+
+def _swap_state(step_dir, other_step_dir):
+  """Puts another step's (intact, readable) array store under this step's meta: silently wrong values."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(os.path.join(step_dir, "state"))
+  shutil.copytree(os.path.join(other_step_dir, "state"), os.path.join(step_dir, "state"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32", "uint8", "bool", "float16"])
+def test_device_and_host_checksums_agree_and_see_one_element(dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 4)) * 10
+  x = (x > 0) if dtype == "bool" else x.astype(dtype)
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+  sharded = jax.device_put(x, NamedSharding(mesh, P("a", "b")))
+  _, on_device = checkpointing._fingerprint({"x": x, "s": sharded})
+  assert on_device["x"] == on_device["s"] == checkpointing._host_checksum(np.asarray(x))
+  y = np.asarray(x).copy()
+  y[3, 5, 1] = ~y[3, 5, 1] if dtype == "bool" else y[3, 5, 1] + 1
+  assert checkpointing._host_checksum(y) != on_device["x"]
+  # A permutation of the same values is another checksum too.
+  assert checkpointing._host_checksum(np.asarray(x)[::-1]) != on_device["x"]
+
+
+def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path):
+  state = _run(_initial_state(), 0, 1)
+  bad = state.replace(params={**state.params, "norm": {"scale": state.params["norm"]["scale"].at[3].set(jnp.nan)}})
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    assert ckpt.save(1, state, meta={})
+    ckpt.wait()
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"refusing to save checkpoint step 2 .*NaN or Inf \(in params.norm.scale\).*step\(s\) \[1\]"):
+      ckpt.save(2, bad, meta={})
+    assert ckpt.all_steps() == [1]
+  assert sorted(os.listdir(tmp_path / "c")) == ["1"]
+  assert checkpointing.all_finite(state) and not checkpointing.all_finite(bad)
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_one_warning(tmp_path, caplog):
+  states = {s: _run(_initial_state(), 0, s) for s in (2, 4)}
+  with checkpointing.Checkpointer(tmp_path / "c", save_interval_steps=2) as ckpt:
+    for s, st in states.items():
+      ckpt.save(s, st, meta={"data_position": s})
+  _scribble(tmp_path / "c" / "4")
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    with caplog.at_level("WARNING", logger="rlhf_jax.checkpointing"):
+      restored, meta = ckpt.restore(checkpointing.abstract_like(states[4]))
+    assert meta == {"data_position": 2} and ckpt.restored_step == 2
+    _assert_bitwise_equal(restored, states[2])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "step 4: " in warnings[0] and "restored step 2 instead" in warnings[0]
+    # The bad step is moved aside, so the resumed run can save step 4 again.
+    assert ckpt.all_steps() == [2] and os.path.isdir(tmp_path / "c" / "4.corrupt")
+    assert ckpt.save(4, states[4], meta={"data_position": 4})
+    ckpt.wait()
+    _, meta = ckpt.restore(checkpointing.abstract_like(states[4]))
+  assert meta == {"data_position": 4}
+
+
+def test_no_usable_checkpoint_gives_one_short_paragraph(tmp_path):
+  states = {s: _run(_initial_state(), 0, s) for s in (1, 2, 3)}
+  state = states[3]
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    for s in (1, 2, 3):
+      ckpt.save(s, states[s], meta={})
+  # Steps 3 and 1: another step's intact arrays (silently wrong values); step 2: unreadable garbage.
+  _swap_state(tmp_path / "c" / "3", tmp_path / "c" / "2")
+  _swap_state(tmp_path / "c" / "1", tmp_path / "c" / "2")
+  for f in _array_files(tmp_path / "c" / "2"):
+    with open(f, "wb") as fh:
+      fh.write(b"garbage")
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    with pytest.raises(checkpointing.CheckpointError) as e:
+      ckpt.restore(checkpointing.abstract_like(state))
+    # An explicit step does not fall back.
+    with pytest.raises(checkpointing.CheckpointError, match="step 1 .* is unusable: checksum mismatch"):
+      ckpt.restore(checkpointing.abstract_like(state), step=1)
+  msg = str(e.value)
+  assert len(msg.encode()) < 2048, msg
+  assert str(tmp_path / "c") in msg and "Traceback" not in msg
+  lines = msg.splitlines()
+  assert [l.split(":")[0].strip() for l in lines[1:4]] == ["step 3", "step 2", "step 1"]
+  assert "checksum mismatch" in lines[1] and "unreadable" in lines[2] and "checksum mismatch" in lines[3]
+  assert "params.dense1.kernel" in lines[1]  # names the leaves that differ
+  assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)  # no chain
+  assert sorted(os.listdir(tmp_path / "c")) == ["1", "2", "3"]  # left in place
+
+
+def test_verify_reads_back_on_the_host(tmp_path):
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    for s in (1, 2):
+      ckpt.save(s, _run(_initial_state(), 0, s), meta={})
+    ckpt.wait()
+    assert ckpt.verify() is None and ckpt.verify(step=1) is None
+  _swap_state(tmp_path / "c" / "2", tmp_path / "c" / "1")
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    assert ckpt.verify().startswith("checksum mismatch in ")
+  _scribble(tmp_path / "c" / "1")
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    assert ckpt.verify(step=1) is not None
+
+
+# --- storage errors: one line with the cause and what was kept ------------------------
+@pytest.mark.parametrize("async_save", [False, True])
+def test_unwritable_directory_gives_one_clear_error(tmp_path, async_save):
+  state = _initial_state()
+  d = tmp_path / "c"
+  ckpt = checkpointing.Checkpointer(d, async_save=async_save)
+  ckpt.save(1, state, meta={})
+  ckpt.wait()
+  if os.geteuid() == 0:  # root ignores permission bits: make the directory unusable another way
+    os.rename(d, tmp_path / "moved")
+    d.write_text("not a directory")
+  else:
+    os.chmod(d, 0o500)
+  try:
+    with pytest.raises(checkpointing.CheckpointError) as e:
+      ckpt.save(2, state, meta={})
+      ckpt.wait()
+  finally:
+    if os.geteuid() != 0:
+      os.chmod(d, 0o700)
+  msg = str(e.value)
+  assert msg.startswith(f"could not save checkpoint step 2 in {str(d)!r}: ")
+  assert ("PermissionError" in msg or "Error: [Errno" in msg) and "\n" not in msg and len(msg) < 600
+  ckpt.close()
+
+
+def test_disk_full_is_reported_before_orbax_starts(tmp_path, monkeypatch):
+  state = _initial_state()
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    ckpt.save(1, state, meta={})
+    ckpt.wait()
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: type("U", (), {"free": 100})())
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"not enough disk space .*MiB needed, 0.0 MiB free\); the committed checkpoint\(s\) "
+                             r"at step\(s\) \[1\] .* are intact"):
+      ckpt.save(2, state, meta={})
+    assert ckpt.all_steps() == [1]
+
+
+def test_storage_error_inside_orbax_is_wrapped(tmp_path, monkeypatch):
+  import errno  # pylint: disable=import-outside-toplevel
+  state = _initial_state()
+  with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
+    ckpt.save(1, state, meta={})
+    ckpt.wait()
+
+    def full(*a, **k):
+      raise OSError(errno.ENOSPC, "No space left on device\n<a long storage-library dump>")
+
+    monkeypatch.setattr(ckpt._manager, "save", full)
+    with pytest.raises(checkpointing.CheckpointError) as e:
+      ckpt.save(2, state, meta={})
+    monkeypatch.setattr(ckpt._manager, "wait_until_finished", full)  # an async save failing in the background
+    with pytest.raises(checkpointing.CheckpointError) as e2:
+      ckpt.wait()
+    monkeypatch.undo()
+  for err in (e.value, e2.value):
+    assert "OSError: [Errno 28] No space left on device" in str(err) and "dump" not in str(err)
+    assert "step(s) [1]" in str(err) and err.__cause__ is None

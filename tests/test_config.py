@@ -33,7 +33,7 @@ def _error(config, device_count=None, **kwargs) -> ConfigError:
 def test_base_and_named_configs_are_valid(config):
   validate_config(config, base.get_base_config(), device_count=8)  # raises if not
   import importlib  # pylint: disable=import-outside-toplevel
-  for name in ("sft", "pfppo", "eval"):
+  for name in ("sft", "pfppo", "grpo", "eval"):
     named = importlib.import_module(f"experiments.configs.{name}").get_config()
     for devices in (1, 8):
       validate_config(named, base.get_base_config(), device_count=devices)
@@ -266,3 +266,50 @@ def test_config_to_json_roundtrip(config):
   assert data["sampling"]["top_p"] == 1.0
   assert data["model"]["max_seq_len"] is None
   assert data["sft"]["optimizer"]["name"] == "adamw"
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("task.name", "minicod", "did you mean 'minicode'"),
+    ("task.name", "no_such_pkg_xyz:make_task", "no module"),
+    ("task.num_train", 0, ">= 1"),
+    ("eval.task", "humanevl", "unknown task"),
+    ("rm.num_prompts", 0, ">= 2"),
+    ("rm.eval_fraction", -0.5, "(0, 1)"),
+    ("rm.samples_per_prompt", 1, ">= 2"),
+    ("sft.steps", -1, ">= 1"),
+    ("sft.optimizer.learning_rate", float("inf"), "finite"),
+    ("algo.kl_coef", float("nan"), "finite"),
+    ("ppo.reward_source", "oracle", "'rm'"),
+    ("algo.advantage", "vtrace", "must be one of"),
+])
+def test_fields_rejected_before_compute(config, path, value, message):
+  """Issue 14.5: each of these failed only after compute (or was accepted) before."""
+  section, _, key = path.rpartition(".")
+  node = config
+  for part in section.split("."):
+    node = node[part]
+  node[key] = value
+  e = _error(config)
+  assert e.field == f"config.{path}", str(e)
+  assert message in str(e), str(e)
+
+
+def test_eval_ks_beyond_the_samples(config):
+  config.eval.num_samples = 2
+  config.eval.ks = (1, 5)
+  assert _error(config).field == "config.eval.ks[1]"
+
+
+def test_rl_stages_refuse_top_p_and_need_a_group_for_critic_free_advantages(config, monkeypatch):
+  c = base.get_base_config()
+  c.stages = ("grpo",)
+  c.algo.advantage = "grpo"
+  c.algo.strategy = "none"
+  c.sampling.top_p = 0.9
+  assert _error(c).field == "config.sampling.top_p"
+  c.sampling.top_p = 1.0
+  c.ppo.samples_per_prompt = 1
+  assert _error(c).field == "config.ppo.samples_per_prompt"
+  c.ppo.samples_per_prompt = 4
+  c.algo.advantage = "gae"
+  assert _error(c).field == "config.algo.advantage"

@@ -159,6 +159,46 @@ def test_unknown_config_name_exits_2(env):
   _assert_usage_error(p, "--config is required")
 
 
+def _runnable_configs():
+  names = [f[:-3] for f in os.listdir(os.path.join(REPO_DIR, "experiments", "configs"))
+           if f.endswith(".py") and not f.startswith("_") and f != "base.py"]
+  assert "sft" in names and "pfppo" in names
+  return sorted(names)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_configs_exit_0(env, flag):
+  p = _run(env, flag)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.startswith("usage: python -m experiments.run --config=NAME")
+  listed = p.stdout.split("\navailable configs (", 1)[1].split("\nflags:", 1)[0]
+  assert sorted(line.split()[0] for line in listed.splitlines()[1:] if line.strip()) == _runnable_configs()
+  assert "--workdir" in p.stdout and "--config=NAME --help" in p.stdout
+
+
+def test_config_help_lists_fields_with_values_exit_0(env, tmp_path):
+  import ml_collections
+  from experiments.configs import sft
+  p = _run(env, "--config=sft", "--config.sft.steps=31", "--help", f"--workdir={tmp_path}/w")
+  assert p.returncode == 0, p.stderr[-3000:]
+  shown = dict(line.strip().split(" = ", 1) for line in p.stdout.splitlines() if " = " in line)
+
+  def leaves(node, prefix=""):
+    for key in node.keys():
+      if isinstance(node[key], ml_collections.ConfigDict):
+        yield from leaves(node[key], f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", node[key]
+
+  expected = {name: repr(value) for name, value in leaves(sft.get_config())}
+  expected["sft.steps"] = "31"  # overrides are applied
+  assert {k.strip(): v for k, v in shown.items()} == expected
+  assert not (tmp_path / "w").exists()  # nothing ran
+  # A bad override with --help is still a usage error.
+  _assert_usage_error(_run(env, "--config=sft", "--config.sft.stepz=3", "--help"),
+                      "config.sft.stepz: unknown field")
+
+
 def test_unknown_stage_exits_2(env, tmp_path):
   p = _run(env, "--config=sft", "--config.stages=('first','no_such_stage')",
            f"--workdir={tmp_path}/w")

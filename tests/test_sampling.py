@@ -23,9 +23,13 @@ def model():
   return cfg, params, jax.jit(models.make_apply_fn(cfg))
 
 
-def _recompute_logprobs(apply, params, out, prompt_len):
+def _recompute_logprobs(apply, params, out, prompt_len, sp=None):
+  """Log-probs of the sampled distribution, softmax(filter(logits / T)), from a full forward."""
   logits, _ = apply(params, out.tokens, out.mask)
-  lp = losses.token_logprobs(logits[:, prompt_len - 1:-1], out.completion_tokens)
+  dist = logits[:, prompt_len - 1:-1]
+  if sp is not None and sp.temperature > 0:
+    dist = filter_logits(dist.astype(jnp.float32) / sp.temperature, top_k=sp.top_k, top_p=sp.top_p)
+  lp = losses.token_logprobs(dist, out.completion_tokens)
   return logits, lp * out.completion_mask
 
 
@@ -38,7 +42,7 @@ def test_logprobs_equal_full_forward(model, sp):
   pt, pm = encode_prompts(TOK, PROMPTS, 24)
   out = Sampler(cfg, sp, eos_id=TOK.eos_id, pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(1))
   assert out.tokens.shape == (3 * sp.num_samples, 24 + 12)
-  _, lp = _recompute_logprobs(apply, params, out, 24)
+  _, lp = _recompute_logprobs(apply, params, out, 24, sp)
   np.testing.assert_allclose(out.completion_logprobs, lp, atol=1e-4)
   # the N samples of a prompt share its tokens and differ in their completions
   np.testing.assert_array_equal(out.tokens[0, :24], out.tokens[sp.num_samples - 1, :24])
@@ -113,16 +117,20 @@ def test_filter_logits_nucleus_and_top_k():
   np.testing.assert_array_equal(kept(filter_logits(logits, top_k=3)), [True, True, True, False])
 
 
-def test_sampling_frequencies_match_the_model():
-  """Temperature-1 samples follow softmax(logits): first-token frequencies over many rows."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_frequencies_match_the_model(temperature):
+  """Samples at temperature T follow softmax(logits / T): first-token frequencies over many rows."""
   cfg = models.get_model_config("tiny", vocab_size=260)
   params = models.init_params(cfg, jax.random.PRNGKey(1))
   params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, params)
   pt, pm = encode_prompts(TOK, ["q"], 4)
-  out = Sampler(cfg, SamplingParams(max_new_tokens=1, num_samples=4000), eos_id=TOK.eos_id,
+  out = Sampler(cfg, SamplingParams(max_new_tokens=1, num_samples=4000, temperature=temperature), eos_id=TOK.eos_id,
                 pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(2))
   logits, _ = models.make_apply_fn(cfg)(params, jnp.asarray(pt), jnp.asarray(pm))
-  probs = np.asarray(jax.nn.softmax(logits[0, -1]))
+  probs = np.asarray(jax.nn.softmax(logits[0, -1] / temperature))
+  # the reported log-prob of each sample is that of the distribution sampled
+  np.testing.assert_allclose(np.exp(np.asarray(out.completion_logprobs[:, 0])),
+                             probs[np.asarray(out.completion_tokens[:, 0])], rtol=1e-4)
   freq = np.bincount(np.asarray(out.completion_tokens[:, 0]), minlength=cfg.vocab_size) / 4000
   top = np.argsort(probs)[-5:]
   tolerance = 4 * np.sqrt(probs[top] * (1 - probs[top]) / 4000) + 1e-3  # 4 binomial standard errors
@@ -136,3 +144,30 @@ def test_bad_shapes_are_named(model):
     sampler(params, np.zeros((2, 5), np.int32), np.zeros((2, 6), np.int32), jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="top_p"):
     SamplingParams(max_new_tokens=4, top_p=0.0)
+
+
+def test_first_minibatch_ratio_is_one_at_temperature(model):
+  """At T = 0.7 the training forward reproduces the sampler's log-probs, so PPO's first ratio is exactly 1."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.state import create_train_state  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.steps import PPOState, completion_logprobs, make_ppo_step  # pylint: disable=import-outside-toplevel
+  cfg, params, _ = model
+  apply_fn = models.make_apply_fn(cfg)
+  sp = SamplingParams(max_new_tokens=8, temperature=0.7, num_samples=4)
+  pt, pm = encode_prompts(TOK, ["ab", "cde"], 16)
+  out = Sampler(cfg, sp, eos_id=TOK.eos_id, pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(3))
+  lp = completion_logprobs(apply_fn, params, out.tokens, out.mask, 16, temperature=0.7)
+  # Equal up to float32 summation order (KV-cache decode vs one full forward): relative 1e-5.
+  np.testing.assert_allclose(np.asarray(lp * out.completion_mask), np.asarray(out.completion_logprobs), rtol=1e-5,
+                             atol=1e-6)
+  step = make_ppo_step(apply_fn, optax.sgd(0.0), prompt_len=16, advantage="grpo", temperature=0.7, epochs=1,
+                       minibatches=1)
+  state = PPOState(actor=create_train_state(params, optax.sgd(0.0), jax.random.PRNGKey(0)), critic=None,
+                   kl=losses.init_kl_controller(0.0))
+  batch = {"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
+           "old_logprobs": out.completion_logprobs, "ref_logprobs": out.completion_logprobs,
+           "advantages": jnp.linspace(-1.0, 1.0, 8), "weights": jnp.ones(8), "scores": jnp.zeros(8)}
+  _, m = jax.jit(step)(state, batch)
+  assert abs(float(m["policy/ratio_mean"]) - 1.0) < 1e-5
+  assert abs(float(m["policy/ratio_max"]) - 1.0) < 3e-5  # the largest single-token float32 difference
+  assert float(m["policy/clip_frac"]) == 0.0

@@ -165,3 +165,64 @@ def test_create_train_state_fields_and_typed_key():
   # It is a pytree that jit and tree utilities handle.
   out = jax.jit(lambda st: st.replace(step=st.step + 1))(s)
   assert int(out.step) == 1
+
+
+# --- the non-finite guard -------------------------------------------------------------
+def _assert_tree_bitwise(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_loss_gradient_or_update_skips_the_update_in_one_trace():
+  tx = state_lib.make_optimizer(learning_rate=1e-2, total_steps=10, weight_decay=0.1)
+  params = _params()
+  state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size - 0.3, params)
+  traces = []
+
+  @jax.jit
+  def step(state, grads, loss):
+    traces.append(1)
+    return state_lib.apply_gradients_with_status(state, grads, tx, loss=loss)
+
+  # A finite step is the unguarded optax update (to float rounding: XLA fuses the two programs differently).
+  new, skipped = step(state, grads, jnp.float32(1.5))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  assert float(skipped) == 0.0 and int(new.step) == 1
+  for got, want in ((new.params, optax.apply_updates(state.params, updates)), (new.opt_state, opt_state)):
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-9)
+  assert not np.array_equal(new.params["embed"], params["embed"])  # it did move
+
+  nan_grads = dict(grads, vec=grads["vec"].at[2].set(jnp.nan))
+  inf_grads = dict(grads, embed=grads["embed"].at[0, 0].set(-jnp.inf))
+  for bad_grads, loss in ((nan_grads, 1.5), (inf_grads, 1.5), (grads, jnp.inf), (grads, jnp.nan)):
+    out, skipped = step(new, bad_grads, jnp.float32(loss))
+    assert float(skipped) == 1.0
+    assert int(out.step) == int(new.step) + 1  # the step still advances
+    _assert_tree_bitwise(out.params, new.params)  # params and optimizer state untouched
+    _assert_tree_bitwise(out.opt_state, new.opt_state)
+  assert len(traces) == 1  # values, not Python branches, decide
+
+
+def test_infinite_learning_rate_update_is_skipped():
+  # Finite gradients, but the optimizer turns them into an infinite update.
+  tx = state_lib.make_optimizer(learning_rate=math.inf, schedule="constant", total_steps=10)
+  params = _params()
+  state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  new, skipped = jax.jit(lambda s, g: state_lib.apply_gradients_with_status(s, g, tx))(state, grads)
+  assert float(skipped) == 1.0
+  _assert_tree_bitwise(new.params, params)
+
+
+def test_apply_gradients_keeps_its_signature_and_is_guarded():
+  tx = state_lib.make_optimizer(learning_rate=1e-2, total_steps=10)
+  state = state_lib.create_train_state(_params(), tx, jax.random.PRNGKey(0))
+  nan_grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params)
+  new = jax.jit(lambda s, g: state_lib.apply_gradients(s, g, tx))(state, nan_grads)
+  assert isinstance(new, state_lib.TrainState) and int(new.step) == 1
+  _assert_tree_bitwise(new.params, state.params)
+  new = state_lib.apply_gradients(state, nan_grads, tx, loss=jnp.float32(0.0))
+  _assert_tree_bitwise(new.params, state.params)

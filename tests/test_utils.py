@@ -92,7 +92,64 @@ def test_plot_bars(tmp_path):
                         errors={"none": 0.02})
   assert open(out, "rb").read().startswith(PNG_MAGIC)
   with pytest.raises(ValueError, match="empty"):
-    utils.plot_bars({}, tmp_path / "x.png")
+    utils.plot_bars({}, tmp_path / "x.png", ylabel="pass@1")
+  with pytest.raises(TypeError, match="ylabel"):
+    utils.plot_bars({"a": 1.0}, tmp_path / "x.png")  # pylint: disable=missing-kwoa
+  with pytest.raises(ValueError, match="ylabel"):
+    utils.plot_bars({"a": 1.0}, tmp_path / "x.png", ylabel=" ")
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+  """The Figure objects the plotting functions save (they return only paths)."""
+  from rlhf_jax.utils import plotting
+  figures = []
+  real_save = plotting._save
+
+  def save(fig, out_png):
+    figures.append(fig)
+    return real_save(fig, out_png)
+
+  monkeypatch.setattr(plotting, "_save", save)
+  return figures
+
+
+def _texts_inside(fig):
+  """Every non-empty title / axis label of `fig` lies inside the figure (after layout)."""
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  texts = [fig.get_suptitle() and fig._suptitle]  # pylint: disable=protected-access
+  for ax in fig.axes:
+    if ax.axison:
+      texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+  outside = []
+  for t in texts:
+    if t and t.get_text():
+      box = t.get_window_extent(renderer)
+      if box.x0 < -1 or box.y0 < -1 or box.x1 > fig.bbox.width + 1 or box.y1 > fig.bbox.height + 1:
+        outside.append((t.get_text(), tuple(round(v) for v in box.extents)))
+  return outside
+
+
+def test_plots_label_every_y_axis_and_keep_titles_inside(tmp_path, saved_figures):
+  path = _write_run(tmp_path)
+  utils.plot_metrics(path, {"loss (nats per token, lower is better)": ["train/loss", "eval/loss"],
+                            "learning rate": ["train/lr"]}, tmp_path / "a.png",
+                     title="a run title long enough to overflow a two-panel figure: " * 3)
+  utils.plot_metrics(path, ["train/loss", ["eval/loss", "count"]], tmp_path / "b.png", ncols=1)
+  # The title of the PF-PPO stage's r2.png, which used to be cut off.
+  utils.plot_bars({"best_of_n": 0.1, "none": 0.05},
+                  tmp_path / "r2.png", ylabel="R²",
+                  title="binned R² of reward vs grade, per strategy (first rollout)")
+  a, b, bars = saved_figures
+  assert [ax.get_ylabel() for ax in a.axes if ax.axison] == [
+      "loss (nats per token, lower is better)", "learning rate"]
+  assert [ax.get_ylabel() for ax in b.axes if ax.axison] == ["train/loss", "eval/loss, count"]
+  assert bars.axes[0].get_ylabel() == "R²"
+  for fig in (a, b, bars):
+    assert _texts_inside(fig) == []
+  # Wrapping keeps every word of a long title.
+  assert a.get_suptitle().split() == ("a run title long enough to overflow a two-panel figure: " * 3).split()
 
 
 def test_progress_shows_step_loss_rate():
@@ -148,3 +205,16 @@ def test_timers_split_time_between_phases():
 
 def test_is_main_process_single_host():
   assert metrics_lib.is_main_process()
+
+
+def test_dataset_build_prints_no_download_message(tmp_path, capfd):
+  # Datasets are generated locally: tfds's "Downloading and preparing dataset"
+  # banner (printed on stdout) would say otherwise.
+  from rlhf_jax.data import builders
+  config = builders.GeneratedConfig(
+      name="generated_locally",
+      split_generators={"train": lambda: ({"prompt": str(i), "response": "r", "task": "t"} for i in range(3))})
+  builder = builders.build_dataset(builders.RlhfSyntheticText, tmp_path, config)
+  assert len(builder.as_data_source("train")) == 3
+  out, err = capfd.readouterr()
+  assert "ownload" not in out + err, out + err

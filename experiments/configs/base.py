@@ -58,6 +58,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- task / data --------------------------------------------------------------
   config.task = ml_collections.ConfigDict()
+  # A built-in task (synthetic | minicode | humaneval | instructions, rlhf_jax/tasks/registry.py) or your own
+  # as "package.module:make_task" (make_task(config) -> Task).
   config.task.name = "synthetic"
   config.task.data_dir = ""  # "" = <workdir>/data
   config.task.seed = 0
@@ -66,6 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.task.difficulties = (1, 2, 3)  # MiniCode levels used (problems longer than the lengths are skipped)
   config.task.num_train = 10_000
   config.task.num_eval = 500
+  config.task.synthetic_tasks = ("reverse",)  # synthetic: the string transforms (rlhf_jax/data/synthetic.py)
+  config.task.synthetic_max_len = 8           # synthetic: longest word
 
   # --- sampling ---------------------------------------------------------------
   config.sampling = ml_collections.ConfigDict()
@@ -88,35 +92,40 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sft.eval_batches = 4
   config.sft.optimizer = optimizer_config(**config.optimizer.to_dict())
 
-  # Reward model: pairs from the SFT policy's samples, labelled by the sandbox.
+  # Reward model: pairs from the SFT policy's samples, labelled by the task's grader.
   config.rm = ml_collections.ConfigDict()
-  config.rm.num_prompts = 256          # MiniCode train prompts sampled for pairs
+  config.rm.num_prompts = 256          # train prompts sampled for pairs
   config.rm.samples_per_prompt = 8     # SFT samples per prompt
   config.rm.temperature = placeholder(float)  # sampling temperature of those samples; None = sampling.temperature
-  config.rm.max_pairs_per_prompt = 4   # (passing, failing) pairs kept per prompt
-  config.rm.include_canonical = False  # also grade each prompt's canonical solution as a candidate
-  config.rm.mutations_per_prompt = 0  # sandbox-graded mutants of the canonical solution as extra rejected
+  config.rm.max_pairs_per_prompt = 4   # (better, worse) pairs kept per prompt
+  config.rm.min_score_gap = 0.0        # a pair needs grades differing by more than this
+  config.rm.include_reference = False  # also grade each record's reference response as a candidate
   config.rm.eval_fraction = 0.2        # prompts held out for pairwise accuracy / calibration
   config.rm.steps = 200
   config.rm.batch_size = 16
   config.rm.margin = placeholder(float)
   config.rm.optimizer = optimizer_config(**config.optimizer.to_dict())
 
-  # PPO / PF-PPO: actor = SFT policy, reference = SFT (frozen), critic = RM.
+  # The RL loop shared by the ppo and grpo stages (algo.advantage picks the estimator):
+  # actor = SFT policy, reference = SFT (frozen), critic (advantage "gae" only) = RM or SFT backbone.
   config.ppo = ml_collections.ConfigDict()
   config.ppo.iterations = 20
   config.ppo.prompts_per_iteration = 16   # P; PPO-S uses P·N prompts with 1 sample each
   config.ppo.samples_per_prompt = 5       # N (the paper's 5)
-  config.ppo.eval_every = 5               # iterations between greedy pass@1 evaluations
+  config.ppo.eval_every = 5               # iterations between held-out evaluations
   config.ppo.eval_at_start = True         # also evaluate the SFT policy before the first iteration
-  config.ppo.eval_problems = 128          # MiniCode test problems for pass@1 (0 = all)
+  config.ppo.eval_prompts = 64            # fixed held-out prompts (task.eval_split) tracked every evaluation
+  config.ppo.eval_samples = 4             # T = sampling.temperature samples per held-out prompt (pass@k up to this)
+  config.ppo.checkpoint_every = 5         # iterations between resumable checkpoints of the whole RL state
   config.ppo.r2_bins = 10
-  # Reward the policy is trained on. "rm": the learned reward model (the method). "oracle": a
-  # control experiment only — the sandbox's pass/fail plus Gaussian noise of std
-  # `oracle_noise`, to separate the RM's quality from the rest of the pipeline.
+  # Reward the policy is trained on. "rm": the learned reward model (the method). "task": the task's exact
+  # grader, plus optional noise of std `reward_noise` ("constant" everywhere, or "midrange": scaled by
+  # 1 − |2s − 1|, largest at mid-range scores s, the premise of PF-PPO; ALGORITHMS.md §4.10) — a controlled
+  # mechanism test, never the grader passed off as a learned RM.
   config.ppo.reward_source = "rm"
-  config.ppo.oracle_noise = 0.5
-  config.ppo.rollout_batch = 16           # prompts per sampler call
+  config.ppo.reward_noise = 0.0
+  config.ppo.reward_noise_shape = "midrange"
+  config.ppo.rollout_batch = 16           # prompts per sampler call (evaluations)
   config.ppo.entropy_coef = 0.0
   config.ppo.threshold = placeholder(float)        # top / top_random / top_bottom (normalised reward)
   config.ppo.lower_threshold = placeholder(float)  # top_bottom
@@ -126,9 +135,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Evaluation stage (eval.py): a policy checkpoint on a task.
   config.eval = ml_collections.ConfigDict()
-  config.eval.params_dir = ""     # "" = the latest policy in the workdir (ppo/final, else sft/final)
-  config.eval.task = "minicode"   # minicode | humaneval | instructions
-  config.eval.split = "test"
+  config.eval.params_dir = ""     # "" = the latest policy in the workdir (grpo/ppo final, else sft/final)
+  config.eval.task = ""           # "" = task.name; else another task of the registry (e.g. humaneval)
+  config.eval.split = ""          # "" = the task's eval split
   config.eval.num_problems = 0    # 0 = all
   config.eval.num_samples = 1     # > 1 samples at sampling.temperature for pass@k
   config.eval.ks = (1,)
@@ -137,10 +146,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- algorithm (RL stages extend this section) --------------------------------
   config.algo = ml_collections.ConfigDict()
   config.algo.name = "sft"
+  config.algo.advantage = "gae"     # gae (critic) | grpo | rloo | reinforce (critic-free, group of N samples)
   config.algo.kl_coef = 0.02
   config.algo.kl_target = placeholder(float)  # None = fixed KL coefficient
   config.algo.kl_horizon = 10_000
-  config.algo.kl_estimator = "k1"
+  config.algo.kl_estimator = "k1"  # in the reward (gae) or the loss term (group advantages); k3 is >= 0
   config.algo.clip_eps = 0.2
   config.algo.value_clip_eps = 0.2
   config.algo.gamma = 1.0

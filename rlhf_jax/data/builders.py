@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 __all__ = [
     "GeneratedConfig", "GeneratedDatasetBuilder", "RlhfMinicode", "RlhfInstructions",
@@ -69,6 +70,16 @@ class GeneratedDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration
     return tfds.core.DatasetInfo(
         builder=self, description=f"{type(self).__doc__}\nspec: {spec}",
         features=features, disable_shuffling=True)
+
+  # tfds prints "Downloading and preparing dataset ..." and "... downloaded and
+  # prepared" on stdout; nothing is downloaded here (examples are generated), so
+  # the build is only logged, saying what it does.
+  def _log_download_bytes(self) -> None:
+    logging.info("generating dataset %s/%s locally (nothing is downloaded)", self.name,
+                 self.builder_config.name if self.builder_config else "")
+
+  def _log_download_done(self) -> None:
+    logging.info("generated dataset %s in %s", self.name, self.data_dir)
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -139,12 +139,14 @@ def build_preference_pairs(data_dir: str | os.PathLike, pairs: Mapping[str, Iter
 
 def build_synthetic_text(data_dir: str | os.PathLike, *, seed: int = 0,
                          sizes: Mapping[str, int] | None = None,
-                         tasks: tuple[str, ...] = ("reverse",)) -> tfds.core.DatasetBuilder:
-  """The synthetic SFT smoke-test task (``rlhf_jax.data.synthetic``), train/test."""
+                         tasks: tuple[str, ...] = ("reverse",), max_len: int = 8) -> tfds.core.DatasetBuilder:
+  """The synthetic string-transform task (``rlhf_jax.data.synthetic``), train/test; words of 3..max_len letters."""
   sizes = dict(sizes if sizes is not None else {"train": 2000, "test": 200})
   spec = {"seed": seed, "sizes": sizes, "tasks": list(tasks)}
+  if max_len != 8:  # the default keeps the names of datasets built before this option existed
+    spec["max_len"] = int(max_len)
   config = GeneratedConfig(
       name=config_name_for("synthetic", spec), spec=json.dumps(spec, sort_keys=True),
       split_generators={s: (lambda s=s: synthetic.generate_synthetic(
-          s, sizes[s], seed=seed, tasks=tuple(tasks))) for s in sizes})
+          s, sizes[s], seed=seed, tasks=tuple(tasks), max_len=max_len)) for s in sizes})
   return build_dataset(RlhfSyntheticText, data_dir, config)

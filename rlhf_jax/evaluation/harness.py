@@ -1,13 +1,15 @@
 """Evaluation harness: completions in, a JSON-serialisable report out.
 
 Code tasks (MiniCode, HumanEval): every completion becomes the program
-``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"``; all
-programs of a call run in one ``execute_many`` batch of the sandbox; a sample
-is correct iff its program ran cleanly to the end (``passed``). Per problem
-with ``n`` samples of which ``c`` are correct, pass@k is Chen et al.'s
-unbiased estimator ``1 - C(n - c, k) / C(n, k)`` (``pass_at_k``), averaged
-over the problems that have ``n >= k``; it is reported overall, per split and
-per difficulty when the problems carry them.
+``prompt + completion + "\\n" + test`` + ``check(entry_point)`` run by a grader
+the completion cannot fool (``tasks.minicode.program_for``: return values are
+rebuilt as plain builtin values, builtins are verified; see
+``execution.grading``); all programs of a call run in one ``execute_many``
+batch of the sandbox; a sample is correct iff its program ran cleanly to the
+end (``passed``). Per problem with ``n`` samples of which ``c`` are correct,
+pass@k is Chen et al.'s unbiased estimator ``1 - C(n - c, k) / C(n, k)``
+(``pass_at_k``), averaged over the problems that have ``n >= k``; it is
+reported overall, per split and per difficulty when the problems carry them.
 
 Instruction following: each response is checked against its prompt's
 verification functions in the sandbox (``tasks.instructions``); the report

@@ -20,7 +20,8 @@ Order of work (why each step is where it is, see the threat model in
 4. forget ``ctypes`` and install an audit hook that holds the token in its
    closure, refuses the introspection / raw-memory paths that could reach it,
    and writes it to ``done_fd`` only when the "end" event comes from this very
-   frame of ``_main`` after ``exec`` of the program returned normally.
+   frame of ``_main`` after ``exec`` of the program returned normally and every
+   non-daemon thread it started has finished (as at interpreter shutdown).
 """
 import os
 import sys
@@ -254,17 +255,27 @@ def _main():
     text = source.decode("utf-8", errors="replace")
     del source
     exit_ = os._exit
+    # The traceback printer uses builtins (type, isinstance, ...) that the
+    # program may have patched: they are put back before reporting a failure.
+    builtins_before = (builtins.__dict__, dict(builtins.__dict__))
+    # Captured before the program runs (it may replace threading._shutdown).
+    import threading
+    join_threads = threading._shutdown
     try:
         code = compile(text, main.__file__, "exec")
         exec(code, main.__dict__)  # noqa: S102 - this is the sandbox
+        # A program has not exited while a non-daemon thread still runs: wait
+        # for them as interpreter shutdown does (one spinning forever ends in
+        # the wall-clock or CPU limit, never in a pass).
+        join_threads()
     except SystemExit as e:
-        _report(f"program exited before its end (SystemExit({e.code!r}))", text, None)
+        _report(f"program exited before its end (SystemExit({e.code!r}))", text, None, builtins_before)
         exit_(EXIT_EARLY)
     except MemoryError as e:
-        _report("MemoryError", text, e)
+        _report("MemoryError", text, e, builtins_before)
         exit_(EXIT_MEMORY)
     except BaseException as e:  # noqa: BLE001 - every other failure is an error
-        _report(None, text, e)
+        _report(None, text, e, builtins_before)
         exit_(EXIT_EXCEPTION)
     _flush()
     sys.audit("rlhf_jax.sandbox.end")
@@ -279,9 +290,11 @@ def _flush():
             pass
 
 
-def _report(note, text, exc):
+def _report(note, text, exc, builtins_before=None):
     _flush()
     try:
+        if builtins_before is not None:  # (the live dict, its copy): no import needed
+            builtins_before[0].update(builtins_before[1])
         err = sys.__stderr__
         if exc is not None:
             import linecache

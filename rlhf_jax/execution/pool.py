@@ -24,7 +24,9 @@ from rlhf_jax.execution.sandbox import ExecutionResult, Limits
 
 __all__ = ["execute_many", "clear_cache", "cache_key"]
 
-_HARNESS_VERSION = 1
+# Bumped whenever the runner's verdicts change (2: non-daemon threads are joined,
+# CPU-limit kills are "killed"), so no older cached verdict is reused.
+_HARNESS_VERSION = 2
 _CACHE_MAX_ENTRIES = 65536
 _CACHE_MAX_BYTES = 256 * 2**20
 

@@ -7,7 +7,9 @@ from rlhf_jax.losses.advantage_model import advantage_model_loss
 from rlhf_jax.losses.advantage_model import init_task_stats
 from rlhf_jax.losses.advantage_model import task_statistics
 from rlhf_jax.losses.advantage_model import update_task_stats
+from rlhf_jax.losses.advantages import GROUP_ADVANTAGES
 from rlhf_jax.losses.advantages import gae
+from rlhf_jax.losses.advantages import group_advantages
 from rlhf_jax.losses.advantages import grpo_advantages
 from rlhf_jax.losses.advantages import rloo_advantages
 from rlhf_jax.losses.bon import bon_distribution

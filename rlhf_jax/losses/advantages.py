@@ -115,3 +115,30 @@ def rloo_advantages(rewards_PxN, mask=None):
   total_P = jnp.sum(r * m, axis=1, keepdims=True)
   others_mean = common.safe_divide(total_P - r, n_P - 1.0)
   return jnp.where((m != 0) & (n_P > 1), r - others_mean, 0.0)
+
+
+GROUP_ADVANTAGES = ("grpo", "rloo", "reinforce")
+
+
+def group_advantages(rewards_PxN, mask=None, *, kind: str):
+  """Critic-free sequence advantages from the N samples of each prompt.
+
+    grpo       (r − mean_p) / (std_p + eps)     `grpo_advantages`
+    rloo       r − mean of the other samples    `rloo_advantages`
+    reinforce  r − mean_p                       `grpo_advantages(scale=False)` (group-mean baseline)
+
+  Args:
+    rewards_PxN: [P, N] sequence rewards.
+    mask: optional [P, N] validity mask (invalid samples neither count nor get an advantage).
+    kind: one of GROUP_ADVANTAGES (static).
+
+  Returns:
+    [P, N] float32 advantages.
+  """
+  if kind == "grpo":
+    return grpo_advantages(rewards_PxN, mask)
+  if kind == "rloo":
+    return rloo_advantages(rewards_PxN, mask)
+  if kind == "reinforce":
+    return grpo_advantages(rewards_PxN, mask, scale=False)
+  raise ValueError(f"`kind` must be one of {GROUP_ADVANTAGES}, got {kind!r}.")

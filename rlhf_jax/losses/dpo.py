@@ -16,15 +16,18 @@ def dpo_loss(policy_chosen_logps,
              *,
              beta: float,
              loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0):
-  """Direct preference optimisation losses, batch mean.
+             label_smoothing: float = 0.0,
+             weights=None):
+  """Direct preference optimisation losses, (weighted) batch mean.
 
   With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
     sigmoid: −(1 − ε) log σ(βh) − ε log σ(−βh)   (DPO, Rafailov 2023; cDPO ε)
     ipo:     (h − 1/(2β))²                        (IPO, Azar 2023, τ = β)
     hinge:   max(0, 1 − βh)                       (SLiC / RSO)
 
-  Reference log-probs are constants (`stop_gradient`).
+  Reference log-probs are constants (`stop_gradient`). With `weights` w the
+  reduction is Σ w·ℓ / Σ w (0 when Σ w = 0): a pair of weight 0 (padding, an
+  invalid pair) changes neither the loss, its gradient nor the metrics.
 
   Args:
     policy_chosen_logps: [B] sequence log-probs log π(y_w|x) (differentiated).
@@ -34,6 +37,7 @@ def dpo_loss(policy_chosen_logps,
     beta: β > 0.
     loss_type: "sigmoid", "ipo" or "hinge" (static).
     label_smoothing: ε ∈ [0, 0.5) for the sigmoid loss (cDPO).
+    weights: optional [B] non-negative pair weights (a constant); None = 1.
 
   Returns:
     (loss, metrics): 'dpo/loss', 'rewards/chosen' (mean β(pc − rc)),
@@ -56,6 +60,8 @@ def dpo_loss(policy_chosen_logps,
                   (ref_chosen_logps, "ref_chosen_logps"),
                   (ref_rejected_logps, "ref_rejected_logps")):
     common.check_same_shape(policy_chosen_logps, "policy_chosen_logps", x, name)
+  if weights is not None:
+    common.check_same_shape(policy_chosen_logps, "policy_chosen_logps", weights, "weights")
   ref_chosen_logps = jax.lax.stop_gradient(ref_chosen_logps)
   ref_rejected_logps = jax.lax.stop_gradient(ref_rejected_logps)
   chosen_logratio = (policy_chosen_logps - ref_chosen_logps).astype(jnp.float32)
@@ -69,16 +75,21 @@ def dpo_loss(policy_chosen_logps,
     per_pair = jnp.square(h - 1.0 / (2.0 * beta))
   else:
     per_pair = jax.nn.relu(1.0 - beta * h)
-  loss = jnp.mean(per_pair)
+  if weights is None:
+    mean = jnp.mean
+  else:
+    w = jax.lax.stop_gradient(jnp.asarray(weights, jnp.float32))
+    mean = lambda x: common.masked_mean(x, w)
+  loss = mean(per_pair)
   chosen_rewards = beta * chosen_logratio
   rejected_rewards = beta * rejected_logratio
   metrics = {
       "dpo/loss": loss,
-      "dpo/logits": jnp.mean(beta * h),
-      "rewards/chosen": jnp.mean(chosen_rewards),
-      "rewards/rejected": jnp.mean(rejected_rewards),
-      "rewards/margin": jnp.mean(chosen_rewards - rejected_rewards),
-      "rewards/accuracy": jnp.mean(
+      "dpo/logits": mean(beta * h),
+      "rewards/chosen": mean(chosen_rewards),
+      "rewards/rejected": mean(rejected_rewards),
+      "rewards/margin": mean(chosen_rewards - rejected_rewards),
+      "rewards/accuracy": mean(
           (chosen_rewards > rejected_rewards).astype(jnp.float32)),
   }
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)

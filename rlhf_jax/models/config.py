@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# RoPE frequency scalings we implement, with the fields each needs (as Hugging Face names them).
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,6 +19,13 @@ class ModelConfig:
 
   `dtype` is the compute dtype of activations and matmuls; `param_dtype` the
   storage dtype of the weights. Softmaxes and log-softmaxes are always float32.
+
+  Fields the Hugging Face families need (defaults leave the presets unchanged):
+  `qkv_bias` adds biases to the q/k/v projections (Qwen2); `qk_norm` applies a
+  per-head RMSNorm to q and k before RoPE (Qwen3); `head_dim_override` sets
+  head_dim independently of dim / n_heads (Qwen3); `rope_scaling` is a sorted
+  tuple of (name, value) items such as `(("factor", 8.0), ..., ("rope_type",
+  "llama3"))` (a dict is accepted and converted, so the config stays hashable).
   """
 
   vocab_size: int = 260
@@ -29,13 +41,21 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  head_dim_override: Optional[int] = None
+  rope_scaling: Optional[tuple] = None
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "max_seq_len"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-    if self.dim % self.n_heads:
+    if self.head_dim_override is not None:
+      if int(self.head_dim_override) <= 0 or int(self.head_dim_override) % 2:
+        raise ValueError(f"ModelConfig.head_dim_override must be a positive even number, got {self.head_dim_override}")
+    elif self.dim % self.n_heads:
       raise ValueError(f"ModelConfig.n_heads={self.n_heads} does not divide dim={self.dim}")
+    object.__setattr__(self, "rope_scaling", _canonical_rope_scaling(self.rope_scaling))
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}")
     for name in ("dtype", "param_dtype"):
@@ -44,18 +64,51 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.dim // self.n_heads
+    return int(self.head_dim_override) if self.head_dim_override is not None else self.dim // self.n_heads
+
+  @property
+  def rope_scaling_dict(self) -> dict[str, Any] | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
 
   def num_params(self, *, with_head: bool = True) -> int:
-    """Parameter count from the shapes (matches the initialised pytree)."""
+    """Parameter count from the shapes (matches the initialised pytree; the scalar head counted as its weight)."""
     d, hd = self.dim, self.head_dim
     attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+    if self.qkv_bias:
+      attn += (self.n_heads + 2 * self.n_kv_heads) * hd
+    if self.qk_norm:
+      attn += 2 * hd
     mlp = 3 * d * self.mlp_dim
     per_layer = attn + mlp + 2 * d
     total = self.vocab_size * d + self.n_layers * per_layer + d
     if with_head and not self.tie_embeddings:
       total += d * self.vocab_size
     return total
+
+
+def _canonical_rope_scaling(scaling) -> tuple | None:
+  """None, or the sorted (name, value) items of a supported RoPE scaling; raises naming the field."""
+  if scaling is None:
+    return None
+  try:
+    items = dict(scaling)
+  except (TypeError, ValueError):
+    raise ValueError(f"ModelConfig.rope_scaling must be a dict or (name, value) items, got {scaling!r}") from None
+  kind = items.get("rope_type", items.get("type"))
+  items.pop("type", None)
+  if kind in (None, "default"):
+    return None
+  if kind not in ROPE_SCALINGS:
+    raise ValueError(f"ModelConfig.rope_scaling: rope_type {kind!r} is not supported; "
+                     f"supported: {sorted(ROPE_SCALINGS)}")
+  missing = [k for k in ROPE_SCALINGS[kind] if k not in items]
+  if missing:
+    raise ValueError(f"ModelConfig.rope_scaling of type {kind!r} lacks {missing}")
+  items["rope_type"] = kind
+  for k, v in items.items():
+    if isinstance(v, (list, dict)):
+      raise ValueError(f"ModelConfig.rope_scaling[{k!r}] must be a scalar, got {v!r}")
+  return tuple(sorted(items.items()))
 
 
 PRESETS: dict[str, ModelConfig] = {

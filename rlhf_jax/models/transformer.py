@@ -1,7 +1,8 @@
 """Decoder-only Transformer (Llama family) in Flax Linen.
 
-RMSNorm, rotary position embeddings, SwiGLU MLP, grouped-query attention and
-optionally tied embeddings. Every parameter carries logical axis names
+RMSNorm, rotary position embeddings (optionally Llama-3 scaled), SwiGLU MLP,
+grouped-query attention, optionally tied embeddings, QKV biases (Qwen2) and
+per-head QK RMSNorm (Qwen3). Every parameter carries logical axis names
 (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`) that `rlhf_jax.sharding`
 maps onto the mesh. Parameters cross `jit` as plain pytrees.
 
@@ -46,10 +47,41 @@ def positions_from_mask(mask_BxT: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, theta: float) -> Array:
+def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[tuple] = None) -> Array:
+  """Inverse frequencies [head_dim / 2] of the rotary embedding, float32.
+
+  inv_freq_i = theta^(-2i / head_dim). `scaling` (ModelConfig.rope_scaling)
+  rescales them as Hugging Face does: "linear" divides by `factor`; "llama3"
+  (Llama 3.1) keeps wavelengths below original_len / high_freq_factor, divides
+  those above original_len / low_freq_factor by `factor`, and in between
+  interpolates with s = (original_len / wavelen - low) / (high - low):
+  inv_freq' = (1 - s) * inv_freq / factor + s * inv_freq.
+  """
+  d = head_dim
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if scaling is None:
+    return inv_freq
+  sc = dict(scaling)
+  factor = float(sc["factor"])
+  if sc["rope_type"] == "linear":
+    return inv_freq / factor
+  if sc["rope_type"] != "llama3":
+    raise ValueError(f"rope_scaling type {sc['rope_type']!r} is not supported")
+  low, high = float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+  old_len = float(sc["original_max_position_embeddings"])
+  low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+  wavelen = 2 * jnp.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, theta: float, scaling: Optional[tuple] = None) -> Array:
   """Rotary embedding, rotate-half convention (as Llama in Hugging Face)."""
   d = x_BxTxHxD.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  inv_freq = rope_inv_freq(d, theta, scaling)
   angles_BxTxF = positions_BxT[..., None].astype(jnp.float32) * inv_freq
   cos = jnp.cos(angles_BxTxF)[:, :, None, :]
   sin = jnp.sin(angles_BxTxF)[:, :, None, :]
@@ -60,11 +92,13 @@ def apply_rope(x_BxTxHxD: Array, positions_BxT: Array, theta: float) -> Array:
 
 
 class RMSNorm(nn.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale over the last axis, in float32; `axes` names that axis."""
   cfg: ModelConfig
+  axes: tuple = ("embed",)
 
   @nn.compact
   def __call__(self, x):
-    scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones, self.cfg)
+    scale = _param(self, "scale", (x.shape[-1],), self.axes, nn.initializers.ones, self.cfg)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
     return (y * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
@@ -93,9 +127,16 @@ class Attention(nn.Module):
     wo = _param(self, "wo", (h, hd, cfg.dim), ("heads", "kv", "embed"),
                 nn.initializers.normal(stddev=(h * hd) ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg)
 
-    q = apply_rope(_dense(x_BxTxD, wq, dt), positions_BxT, cfg.rope_theta)
-    k = apply_rope(_dense(x_BxTxD, wk, dt), positions_BxT, cfg.rope_theta)
-    v = _dense(x_BxTxD, wv, dt)
+    q, k, v = _dense(x_BxTxD, wq, dt), _dense(x_BxTxD, wk, dt), _dense(x_BxTxD, wv, dt)
+    if cfg.qkv_bias:  # Qwen2
+      q = q + _param(self, "bq", (h, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
+      k = k + _param(self, "bk", (kvh, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
+      v = v + _param(self, "bv", (kvh, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
+      q = RMSNorm(cfg, axes=("kv",), name="q_norm")(q)
+      k = RMSNorm(cfg, axes=("kv",), name="k_norm")(k)
+    q = apply_rope(q, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
+    k = apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
 
     if cache is not None:
       # `cache` is the whole [L, B, S, Hkv, Dh] stack: writing only this layer's

@@ -1,20 +1,26 @@
-"""PPO / PF-PPO stage on MiniCode: actor = SFT, reference = SFT (frozen), critic = RM, reward = RM.
+"""The RL stages `ppo` and `grpo`: one loop for PPO/PF-PPO (GAE + critic) and GRPO/RLOO/REINFORCE (no critic).
 
-Each iteration (ALGORITHMS.md §4.4), for P prompts and N samples per prompt:
-  rollout   the jitted sampler draws N completions per prompt (prompt prefilled once)
-  score     jitted forwards: reference log-probs, critic values, RM rewards (normalised)
-  sandbox   the completions run against their hidden tests: the true score, used
-            only for metrics (pass rate, RM–truth correlation, R²), never for training
-            — except in the control experiment `ppo.reward_source="oracle"`, which
-            trains on pass/fail + Gaussian noise to measure what a better RM would buy
-  filter    `selection.filtration_weights(strategy)` per prompt; rank-based
-            strategies are compacted to the kept rows (a static-size gather)
-  update    one jitted PPO update: KL-shaped rewards, GAE, whitening, epochs ×
-            minibatches of policy and value steps, adaptive KL
+Each iteration (ALGORITHMS.md §4.4), for P prompts and N samples per prompt of any task:
+  rollout   the shared rollout path draws N completions per prompt at temperature T
+  score     one fused jitted call: reference log-probs, critic values ("gae"), RM rewards (reward_source "rm")
+  grade     the task's grader on this host's completions: the true score, used for metrics
+            (success rate, RM–truth correlation, R²) — and as the reward only with
+            reward_source "task" (optionally + noise: a controlled mechanism test)
+  prepare   group advantages over all N samples (critic-free), filtration weights
+            (`algo.strategy`), a static gather of the kept rows for rank-based strategies
+  update    one jitted update: epochs × minibatches, adaptive KL
 
-Writes `<workdir>/ppo/`: `final/` (actor params), `metrics.jsonl`, `tb/`,
-`ppo.png` (reward, KL, pass@1 over iterations), `r2.png` (R² per strategy on
-the SFT policy's rollouts), `summary.json`.
+Every `ppo.eval_every` iterations (and before the first) the policy is measured on a
+fixed held-out prompt set of the task's eval split: mean grade and success rate of
+T-samples, pass@k, greedy success, length and the share of distinct completions.
+The whole RL state (actor, critic, KL controller; the data position and loop RNG are
+functions of the iteration) is checkpointed every `ppo.checkpoint_every` iterations;
+rerunning the same command continues where it stopped, bitwise.
+
+Writes `<workdir>/<stage>/`: `ckpt/`, `final/` (actor params), `metrics.jsonl`, `tb/`,
+`<stage>.png` (reward, success, KL, entropy, length over iterations), `r2.png`
+(R² per strategy on the first rollout, when the reward is noisy or learned),
+`summary.json` (initial/final held-out success rate and greedy success, …).
 """
 
 from __future__ import annotations
@@ -27,173 +33,245 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import losses, models, selection
+from rlhf_jax import losses, models, rollout
 from rlhf_jax import sharding as shd
-from rlhf_jax.pipelines import analysis, common, rm as rm_stage, rollout, task_data
-from rlhf_jax.sampling import Sampler, SamplingParams
-from rlhf_jax.steps import PPOState, kept_per_prompt, make_ppo_score_fn, make_ppo_step, select_rows
-from rlhf_jax.tokenizer import encode_prompts
+from rlhf_jax.checkpointing import Checkpointer, abstract_like
+from rlhf_jax.pipelines import analysis, common, rm as rm_stage
+from rlhf_jax.steps import PPOState, critic_from_reward_model, make_ppo_step, make_prepare_fn, \
+    make_ppo_score_fn
 from rlhf_jax.utils import MetricsWriter, Progress, Timers, plot_bars, plot_metrics
 
 
-def final_params_dir(workdir: str) -> str:
-  return os.path.join(workdir, "ppo", "final")
+def final_params_dir(workdir: str, stage: str = "ppo") -> str:
+  return os.path.join(workdir, stage, "final")
 
 
 def _filtration_kwargs(config) -> dict[str, Any]:
   pc, strategy = config.ppo, config.algo.strategy
-  kw: dict[str, Any] = {"strategy": strategy}
+  kw: dict[str, Any] = {}
   if strategy in ("top", "top_random", "top_bottom"):
-    if pc.threshold is None:
-      raise ValueError(f"config.ppo.threshold is required for strategy {strategy!r}")
     kw["threshold"] = pc.threshold
   if strategy == "top_bottom":
-    if pc.lower_threshold is None:
-      raise ValueError("config.ppo.lower_threshold is required for strategy 'top_bottom'")
     kw["lower_threshold"] = pc.lower_threshold
   if strategy == "pow_k":
     kw["k"] = pc.pow_k
   return kw
 
 
+def noisy_reward(scores: np.ndarray, *, std: float, shape: str, rng: np.random.Generator) -> np.ndarray:
+  """Task grade + noise: "constant" std, or "midrange" std·(1 − |2s − 1|), largest at s = 0.5 (§4.10)."""
+  if std == 0:
+    return scores.astype(np.float32)
+  scale = std * (1.0 - np.abs(2.0 * scores - 1.0)) if shape == "midrange" else np.full_like(scores, std)
+  return (scores + scale * rng.standard_normal(scores.shape)).astype(np.float32)
+
+
 def run_ppo(config, workdir: str) -> dict[str, Any]:
-  out_dir = common.stage_dir(workdir, "ppo")
+  return run_rl(config, workdir, stage="ppo")
+
+
+def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
+  out_dir = common.stage_dir(workdir, stage)
+  common.check_provenance(out_dir, config, "ppo")
   pc, ac = config.ppo, config.algo
-  p_count, n = pc.prompts_per_iteration, pc.samples_per_prompt
-  keep = kept_per_prompt(ac.strategy, n)
-  rows = p_count * (keep if keep is not None else n)
-  if rows % ac.minibatches:
-    raise ValueError(f"config.algo.minibatches={ac.minibatches} does not divide the {rows} rows an update trains on "
-                     f"(prompts_per_iteration={p_count} × {keep or n} kept per prompt)")
-  filt_kw = _filtration_kwargs(config)
+  if common.has_params(final_params_dir(workdir, stage)):
+    print(f"[{stage}] reusing the finished stage in {final_params_dir(workdir, stage)}")
+    import json  # pylint: disable=import-outside-toplevel
+    with open(os.path.join(out_dir, "summary.json")) as f:
+      return {"reused": True, **json.load(f)}
+  p_count, n, advantage = pc.prompts_per_iteration, pc.samples_per_prompt, ac.advantage
+  use_rm = pc.reward_source == "rm"
+  temperature = config.sampling.temperature
+  plen, rlen = config.task.max_prompt_len, config.task.max_response_len
 
   # --- mesh, models, data --------------------------------------------------------------
   mesh = common.make_mesh(config)
   tok = common.tokenizer(config)
+  task = common.make_task(config, workdir)
   cfg, sft_params = rm_stage.load_sft_policy(config, workdir, mesh)
-  rm_params, rm_meta = rm_stage.load_reward_model(config, workdir, mesh)
-  reward_mean, reward_std = float(rm_meta["reward_mean"]), float(rm_meta["reward_std"])
-  train = task_data.minicode_split(config, workdir, "train")
-  test = task_data.minicode_split(config, workdir, "test")
-  eval_problems = [test[i] for i in range(len(test) if not pc.eval_problems else min(pc.eval_problems, len(test)))]
+  rm_params, reward_mean, reward_std = None, 0.0, 1.0
+  if use_rm or advantage == "gae":
+    if common.has_params(rm_stage.final_params_dir(workdir)):
+      rm_params, rm_meta = rm_stage.load_reward_model(config, workdir, mesh)
+      reward_mean, reward_std = float(rm_meta["reward_mean"]), float(rm_meta["reward_std"])
+    elif use_rm:
+      raise FileNotFoundError(f"ppo.reward_source='rm' needs a trained reward model in "
+                              f"{rm_stage.final_params_dir(workdir)}: run the rm stage first")
+  train = rollout.load_fitted(task, tok, "train", max_prompt_len=plen, stage=stage)
+  held_out = rollout.load_fitted(task, tok, task.eval_split, max_prompt_len=plen, stage=stage)[:pc.eval_prompts]
+  # Each host samples and grades its own slice of every iteration's prompts.
+  pi, pcount = jax.process_index(), jax.process_count()
   order = np.random.default_rng(config.seed + 2).permutation(len(train))
-  plen = config.task.max_prompt_len
 
-  # --- state: actor and reference from SFT, critic from the RM ---------------------------
+  # --- state: actor and reference from SFT; critic from the RM (normalised) or the SFT backbone ----
   updates = pc.iterations * ac.epochs * ac.minibatches
   actor_tx = common.optimizer(pc, optimizer_section=pc.actor_optimizer, total_steps=updates)
-  critic_tx = common.optimizer(pc, optimizer_section=pc.critic_optimizer, total_steps=updates)
   rng = jax.random.PRNGKey(config.seed + 3)
   copy = lambda r, tree: jax.tree.map(jnp.copy, tree)  # the states own their buffers (they are donated)
   actor, actor_sh = common.create_state(copy, models.logical_axes(cfg), actor_tx, mesh, rng, sft_params)
-  critic, critic_sh = common.create_state(copy, models.logical_axes(cfg, head="scalar"), critic_tx, mesh, rng,
-                                          rm_params)
-  state = PPOState(actor=actor, critic=critic, kl=losses.init_kl_controller(ac.kl_coef))
   rep = shd.replicated(mesh)
+  critic = critic_sh = critic_tx = scalar_apply = None
+  if advantage == "gae":
+    critic_tx = common.optimizer(pc, optimizer_section=pc.critic_optimizer, total_steps=updates)
+    if rm_params is not None:
+      init_critic = lambda r, p: critic_from_reward_model(p, reward_mean=reward_mean, reward_std=reward_std)
+      critic, critic_sh = common.create_state(init_critic, models.logical_axes(cfg, head="scalar"), critic_tx,
+                                              mesh, rng, rm_params)
+    else:
+      critic, critic_sh = common.create_state(lambda r, p: models.lm_to_scalar_params(p, cfg, r),
+                                              models.logical_axes(cfg, head="scalar"), critic_tx, mesh, rng,
+                                              sft_params)
+    scalar_apply = models.make_apply_fn(cfg, head="scalar")
+  state = PPOState(actor=actor, critic=critic, kl=losses.init_kl_controller(ac.kl_coef))
   state_sh = PPOState(actor=actor_sh, critic=critic_sh, kl=jax.tree.map(lambda _: rep, state.kl))
 
+  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=config.checkpoint.max_to_keep,
+                      save_interval_steps=pc.checkpoint_every, async_save=config.checkpoint.async_save)
+  start_it = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(state, sharding=state_sh))
+    start_it = int(meta["iteration"])
+    print(f"[{stage}] resumed at iteration {start_it}")
+  _drop_rows_after(os.path.join(out_dir, "metrics.jsonl"), start_it)
+
   # --- compiled pieces -------------------------------------------------------------------
-  lm_apply, scalar_apply = models.make_apply_fn(cfg), models.make_apply_fn(cfg, head="scalar")
-  sampler = Sampler(cfg, SamplingParams(max_new_tokens=config.task.max_response_len,
-                                        temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                                        top_p=config.sampling.top_p, num_samples=n),
-                    eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=mesh)
-  greedy = Sampler(cfg, SamplingParams(max_new_tokens=config.task.max_response_len, temperature=0.0),
-                   eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=mesh)
-  score = jax.jit(make_ppo_score_fn(lm_apply, scalar_apply, scalar_apply, prompt_len=plen,
+  lm_apply = models.make_apply_fn(cfg)
+  sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature, num_samples=n, mesh=mesh)
+  eval_sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature,
+                                      num_samples=pc.eval_samples, mesh=mesh)
+  greedy = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=0.0, mesh=mesh)
+  score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=plen, temperature=temperature, critic_apply=scalar_apply,
+                                    reward_apply=models.make_apply_fn(cfg, head="scalar") if use_rm else None,
                                     reward_mean=reward_mean, reward_std=reward_std))
-
-  @jax.jit
-  def filter_batch(batch, scores_PxN, key):
-    weights = selection.filtration_weights(scores_PxN, key=key, **filt_kw)
-    return select_rows(batch, weights, keep=keep), weights
-
-  update = jax.jit(make_ppo_step(lm_apply, scalar_apply, actor_tx, critic_tx, prompt_len=plen, clip_eps=ac.clip_eps,
+  prepare = jax.jit(make_prepare_fn(advantage=advantage, strategy=ac.strategy, n=n, **_filtration_kwargs(config)))
+  update = jax.jit(make_ppo_step(lm_apply, actor_tx, prompt_len=plen, advantage=advantage, critic_apply=scalar_apply,
+                                 critic_tx=critic_tx, temperature=temperature, clip_eps=ac.clip_eps,
                                  value_clip_eps=ac.value_clip_eps, gamma=ac.gamma, lam=ac.lam,
                                  kl_estimator=ac.kl_estimator, kl_target=ac.kl_target, kl_horizon=ac.kl_horizon,
                                  epochs=ac.epochs, minibatches=ac.minibatches, loss_agg=ac.loss_agg,
                                  reward_clip=ac.reward_clip, entropy_coef=pc.entropy_coef),
                    in_shardings=(state_sh, None), out_shardings=(state_sh, rep), donate_argnums=0)
 
-  def pass_at_1(params) -> float:
-    return rollout.greedy_pass_at_1(greedy, params, tok, eval_problems, batch_size=pc.rollout_batch,
-                                    max_prompt_len=plen, mesh=mesh)
+  def evaluate(params) -> dict[str, float]:
+    if not held_out:
+      return {}
+    return rollout.evaluate_policy(task, eval_sampler, greedy, params, tok, held_out, batch_size=pc.rollout_batch,
+                                   max_prompt_len=plen, rng=jax.random.PRNGKey(config.seed + 11), mesh=mesh,
+                                   ks=sorted({1, pc.eval_samples}))
 
   # --- loop ------------------------------------------------------------------------------
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)
   timers = Timers()
   t0 = time.time()
-  sft_pass = pass_at_1(state.actor.params) if pc.eval_at_start else float("nan")
-  if pc.eval_at_start:
-    writer.write(0, {"eval/pass@1": sft_pass})
-  start = f"SFT greedy pass@1 {sft_pass:.3f}" if pc.eval_at_start else "no evaluation at start"
-  print(f"[ppo] strategy {ac.strategy}: {p_count} prompts × {n} samples, update on {rows} rows; {start} "
-        f"({len(eval_problems)} test problems)")
-  progress = Progress(pc.iterations, desc=f"ppo[{ac.strategy}]", quiet=not config.logging.progress)
-  r2_first = None
-  for it in range(1, pc.iterations + 1):
-    idx = [int(order[((it - 1) * p_count + j) % len(order)]) for j in range(p_count)]
-    problems = [train[i] for i in idx]
+  initial = {}
+  if start_it == 0 and pc.eval_at_start:
+    initial = evaluate(state.actor.params)
+    writer.write(0, initial)
+  elif start_it > 0:
+    initial = _first_eval_row(os.path.join(out_dir, "metrics.jsonl"))
+  reward_desc = "the learned RM" if use_rm else ("the task's grade" + (
+      f" + {pc.reward_noise_shape} noise (std {pc.reward_noise})" if pc.reward_noise else ""))
+  print(f"[{stage}] {task.name}: {advantage} advantages, strategy {ac.strategy}, {p_count} prompts × {n} samples at "
+        f"T={temperature}, reward = {reward_desc}; held-out ({len(held_out)} prompts) success "
+        f"{initial.get('eval/success_rate', float('nan')):.3f}, greedy {initial.get('eval/greedy_success', float('nan')):.3f}")
+  progress = Progress(pc.iterations, desc=f"{stage}[{advantage},{ac.strategy}]", initial=start_it,
+                      quiet=not config.logging.progress)
+  r2_first, metrics, last_eval = None, {}, {}
+  local = slice(pi * p_count // pcount, (pi + 1) * p_count // pcount)
+  for it in range(start_it + 1, pc.iterations + 1):
+    records = [train[int(order[((it - 1) * p_count + j) % len(order)])] for j in range(p_count)][local]
     key = common.fold(rng, it)
     with timers("rollout"):
-      pt, pm = shd.shard_batch(encode_prompts(tok, [p["prompt"] for p in problems], plen), mesh)
-      out = sampler(state.actor.params, pt, pm, jax.random.fold_in(key, 0))
-      jax.block_until_ready(out.tokens)
+      ro = rollout.sample(sampler, state.actor.params, tok, records, max_prompt_len=plen,
+                          rng=jax.random.fold_in(key, 0), mesh=mesh)
     with timers("score"):
-      sc = score(sft_params, state.critic.params, rm_params, out.tokens, out.mask)
+      sc = score(sft_params, state.critic.params if state.critic is not None else None, rm_params, ro.out.tokens,
+                 ro.out.mask)
       jax.block_until_ready(sc)
-    with timers("sandbox"):
-      toks, cmask = jax.device_get((out.completion_tokens, out.completion_mask))
-      texts = [tok.decode(t[m > 0]) for t, m in zip(toks, cmask)]
-      passed = rollout.grade_minicode(problems, texts, n=n)
-    if pc.reward_source == "oracle":  # control experiment: train on the test outcome + noise, not the RM
-      noise = np.random.default_rng([config.seed, it]).normal(0.0, pc.oracle_noise, passed.shape)
-      oracle = jnp.asarray(passed + noise, jnp.float32)
-      sc = {**sc, "rm_rewards": oracle, "scores": oracle}
+    with timers("grade"):
+      truth = rollout.grade(task, ro.records, ro.texts, n=n)  # host-local [P_local · N]
+    if use_rm:
+      train_scores = sc["rm_scores"]
+      rewards_host = rollout.local_rows(sc["rm_rewards"])
+    else:
+      rewards_host = noisy_reward(truth, std=pc.reward_noise, shape=pc.reward_noise_shape,
+                                  rng=np.random.default_rng([config.seed, it]))
+      train_scores = rollout.shard_rows(rewards_host, mesh)
     with timers("update"):
-      batch = {"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
-               "old_logprobs": out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"],
-               "old_values": sc["old_values"], "scores": sc["scores"]}
-      scores_PxN = sc["scores"].reshape(p_count, n)
-      fkey = jax.random.fold_in(key, 1)
-      batch, weights_PxN = filter_batch(batch, scores_PxN, fkey)
+      batch = {"tokens": ro.out.tokens, "mask": ro.out.mask, "completion_mask": ro.out.completion_mask,
+               "old_logprobs": ro.out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"]}
+      if "old_values" in sc:
+        batch["old_values"] = sc["old_values"]
+      batch, weights_PxN = prepare(batch, train_scores.reshape(p_count, n), jax.random.fold_in(key, 1))
       state, metrics = update(state, batch)
       metrics = common.to_host(metrics)
-    # host-side diagnostics: RM reward vs the sandbox's truth, on all and on kept samples
-    rewards = np.asarray(sc["rm_rewards"]).reshape(p_count, n)
-    truth = passed.reshape(p_count, n)
-    weights = np.asarray(weights_PxN)  # the same weights the update used
-    diag = analysis.r2_diagnostics(rewards, truth, weights, bins=pc.r2_bins)
-    if r2_first is None:
-      r2_first = analysis.r2_table(rewards, truth, bins=pc.r2_bins, key=fkey)
-    metrics.update(diag)
-    metrics.update({"true/pass_rate": float(truth.mean()),
-                    "true/pass_rate_kept": float((truth * weights).sum() / max(weights.sum(), 1e-8))})
+    # host-side diagnostics: the trained-on reward against the task's grade, on all and on kept samples
+    rewards = rewards_host.reshape(-1, n)
+    truth_PxN = truth.reshape(-1, n)
+    weights = rollout.local_rows(weights_PxN)
+    if use_rm or pc.reward_noise:
+      metrics.update(analysis.r2_diagnostics(rewards, truth_PxN, weights, bins=pc.r2_bins))
+      if r2_first is None:
+        r2_first = analysis.r2_table(rewards, truth_PxN, bins=pc.r2_bins, key=jax.random.fold_in(key, 1))
+    ok = (truth_PxN >= 1 - 1e-6).astype(np.float32)
+    metrics.update({"true/score": float(truth_PxN.mean()), "true/success_rate": float(ok.mean()),
+                    "true/score_kept": float((truth_PxN * weights).sum() / max(weights.sum(), 1e-8)),
+                    "true/groups_with_contrast": float(np.mean(truth_PxN.max(1) > truth_PxN.min(1)))})
     metrics.update(timers.summary(reset=True))
     if it % pc.eval_every == 0 or it == pc.iterations:
-      metrics["eval/pass@1"] = pass_at_1(state.actor.params)
+      with timers("eval"):
+        last_eval = evaluate(state.actor.params)
+      metrics.update(last_eval)
     writer.write(it, metrics)
-    progress.update(it, reward=metrics["reward/score"], kl=metrics["kl/ref"], pass_rate=metrics["true/pass_rate"],
-                    **({"pass@1": metrics["eval/pass@1"]} if "eval/pass@1" in metrics else {}))
+    ckpt.save(it, state, meta={"iteration": it})
+    progress.update(it, reward=metrics["reward/score"], score=metrics["true/score"], kl=metrics["kl/ref"],
+                    **({"heldout": last_eval["eval/success_rate"]} if "eval/success_rate" in last_eval else {}))
   progress.close()
+  ckpt.wait()
+  ckpt.close()
   writer.close()
 
-  common.save_params(final_params_dir(workdir), state.actor.params,
-                     {"step": pc.iterations, "stage": "ppo", "strategy": ac.strategy})
-  final_pass = metrics.get("eval/pass@1", float("nan"))
+  common.save_params(final_params_dir(workdir, stage), state.actor.params,
+                     {"step": pc.iterations, "stage": stage, "advantage": advantage, "strategy": ac.strategy})
   plot_metrics(os.path.join(out_dir, "metrics.jsonl"),
-               {"RM reward (normalised)": ["reward/score"], "KL to reference": ["kl/ref"],
-                "greedy pass@1 (test)": ["eval/pass@1"], "true pass rate of samples": ["true/pass_rate",
-                                                                                       "true/pass_rate_kept"],
-                "R² (kept samples)": ["filter/r2", "filter/r2_binned"], "entropy": ["policy/entropy"]},
-               os.path.join(out_dir, "ppo.png"), title=f"PF-PPO ({ac.strategy})")
+               {"reward trained on": ["reward/score"],
+                "grade of training samples": ["true/score", "true/success_rate"],
+                "held-out (T samples)": ["eval/success_rate", "eval/score"],
+                "held-out greedy success": ["eval/greedy_success"],
+                "KL to reference (nats)": ["kl/ref", "kl/ref_k3"], "entropy (nats/token)": ["policy/entropy"],
+                "response length (tokens)": ["response/length"], "R² (kept samples)": ["filter/r2", "filter/r2_binned"]},
+               os.path.join(out_dir, f"{stage}.png"), title=f"{stage} on {task.name} ({advantage}, {ac.strategy})")
   if r2_first:
     plot_bars({k: v["r2_binned"] for k, v in r2_first.items()}, os.path.join(out_dir, "r2.png"),
-              title="binned R² of RM reward vs. pass, per strategy (first rollout)", ylabel="R²")
-  summary = {"strategy": ac.strategy, "reward_source": pc.reward_source, "sft_pass@1": sft_pass,
-             "final_pass@1": final_pass, "iterations": pc.iterations, "wall_s": time.time() - t0,
-             "r2_first_rollout": r2_first}
+              title="binned R² of reward vs grade, per strategy (first rollout)", ylabel="R²")
+  final = last_eval or initial
+  summary = {
+      "stage": stage, "task": task.name, "advantage": advantage, "strategy": ac.strategy,
+      "reward_source": pc.reward_source, "reward_noise": pc.reward_noise, "iterations": pc.iterations,
+      "heldout_prompts": len(held_out), "eval_samples": pc.eval_samples, "wall_s": time.time() - t0,
+      "initial_success_rate": initial.get("eval/success_rate"), "final_success_rate": final.get("eval/success_rate"),
+      "initial_greedy": initial.get("eval/greedy_success"), "final_greedy": final.get("eval/greedy_success"),
+      "initial_score": initial.get("eval/score"), "final_score": final.get("eval/score"),
+      "final_kl": metrics.get("kl/ref"), "final_kl_k3": metrics.get("kl/ref_k3"), "r2_first_rollout": r2_first,
+  }
   common.write_json(os.path.join(out_dir, "summary.json"), summary)
-  print(f"[ppo] done: greedy pass@1 {sft_pass:.3f} (SFT) -> {final_pass:.3f} in {summary['wall_s']:.0f} s"
-        if pc.eval_at_start else f"[ppo] done: greedy pass@1 {final_pass:.3f} in {summary['wall_s']:.0f} s")
+  fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+  print(f"[{stage}] done in {summary['wall_s']:.0f} s: held-out success (T={temperature}) "
+        f"{fmt(summary['initial_success_rate'])} -> {fmt(summary['final_success_rate'])}, greedy "
+        f"{fmt(summary['initial_greedy'])} -> {fmt(summary['final_greedy'])}")
   return summary
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """A resumed run rewrites the iterations after its checkpoint: drop their old rows (never duplicated)."""
+  from rlhf_jax.utils import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  if os.path.exists(path):
+    metrics_lib.truncate_metrics(path, step)
+
+
+def _first_eval_row(path: str) -> dict:
+  from rlhf_jax.utils import read_metrics  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    return {}
+  rows = [r for r in read_metrics(path) if "eval/success_rate" in r]
+  return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows and rows[0]["step"] == 0 else {}

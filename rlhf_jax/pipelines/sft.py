@@ -3,7 +3,19 @@
 Writes under `<workdir>/sft/`: `ckpt/` (resumable training state + data
 position), `final/` (the parameters later stages load), `metrics.jsonl`,
 `tb/`, `loss.png`, and `summary.json`. A finished SFT stage is reused: running
-it again with the same workdir only loads it.
+it again with the same workdir only loads it (after checking the saved
+parameters against their checksums; corrupt ones are rebuilt from `ckpt/`).
+
+Reliability:
+  - SIGTERM (preemption) during training: the state is checkpointed at the
+    next step boundary and the process exits with status 75
+    (`utils.preemption.PREEMPTED_EXIT_CODE`); running the same command again
+    resumes, and the result is bitwise that of an uninterrupted run.
+  - A step whose loss or gradient is NaN/Inf changes nothing (`train/skipped`
+    = 1); more than `sft.max_consecutive_skips` (default 10) in a row stop the
+    run with `TrainingDiverged`. No checkpoint ever holds NaN/Inf.
+  - On resume, rows of metrics.jsonl after the restored step are dropped, so
+    the file never holds a step twice.
 """
 
 from __future__ import annotations
@@ -24,11 +36,23 @@ from rlhf_jax.pipelines import common, task_data
 from rlhf_jax.steps import make_sft_eval_step, make_sft_step
 from rlhf_jax.tokenizer import encode_pairs
 from rlhf_jax.utils import MetricsWriter, Progress, plot_metrics
+from rlhf_jax.utils.divergence import NonFiniteGuard
+from rlhf_jax.utils.metrics import truncate_metrics
+from rlhf_jax.utils.preemption import PreemptionGuard
+
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 
 
 def _encode(tok, batch: dict, config) -> dict[str, np.ndarray]:
   return encode_pairs(tok, batch["prompt"], batch["response"], config.task.max_prompt_len,
                       config.task.max_response_len)
+
+
+def _close_quietly(ckpt: Checkpointer) -> None:
+  try:
+    ckpt.close()
+  except Exception:  # pylint: disable=broad-except
+    pass  # the exception being raised says more
 
 
 def final_params_dir(workdir: str) -> str:
@@ -38,9 +62,12 @@ def final_params_dir(workdir: str) -> str:
 def run_sft(config, workdir: str) -> dict[str, Any]:
   out_dir = common.stage_dir(workdir, "sft")
   cfg = common.model_config(config)
-  if common.has_params(final_params_dir(workdir)):
-    print(f"[sft] reusing the finished SFT stage in {final_params_dir(workdir)}")
+  final_dir = final_params_dir(workdir)
+  if common.has_params(final_dir):
+    print(f"[sft] reusing the finished SFT stage in {final_dir}")
     return {"reused": True}
+  if os.path.isdir(final_dir):
+    print(f"[sft] rebuilding {final_dir} from the training checkpoints in {os.path.join(out_dir, 'ckpt')}")
 
   # --- mesh, data -----------------------------------------------------------------
   mesh = common.make_mesh(config)
@@ -59,9 +86,11 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
                       save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
   start_batch = 0
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(abstract_like(state, sharding=state_sh))
+    state, meta = ckpt.restore(abstract_like(state, sharding=state_sh))  # the newest intact checkpoint
     start_batch = int(meta["data_position"])
     print(f"[sft] resumed at step {int(state.step)} (data position {start_batch})")
+  # Rows the interrupted run logged after this point are about to be logged again.
+  truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), int(state.step))
 
   # --- step -----------------------------------------------------------------------
   apply_fn = models.make_apply_fn(cfg)
@@ -88,41 +117,70 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
                              start_index=start_batch)
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)
   progress = Progress(sc.steps, desc="sft", initial=int(state.step), quiet=not config.logging.progress)
+  nonfinite = NonFiniteGuard(int(sc.get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS)), stage="sft",
+                             kept=f"the parameters are those of the last finite update and the checkpoints in "
+                                  f"{ckpt.directory} hold no NaN/Inf")
   step = int(state.step)
   t_log, pending = time.time(), []
-  for batch in loader:
-    if step >= sc.steps:
-      break
-    enc = _encode(tok, batch, config)
-    state, metrics = train_step(state, shd.shard_batch(enc, mesh))
-    step += 1
-    pending.append(metrics)
-    tokens = int(enc["mask"].sum())  # real (non-padding) tokens processed
-    if step % config.logging.every_steps == 0 or step == sc.steps:
-      host = common.mean_metrics([common.to_host(m) for m in pending])  # one sync per log interval
-      progress.update(step, loss=host["train/loss"], tokens=tokens)
-      host["train/tokens_per_s"] = progress.tokens_per_second
-      host["train/steps_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
-      pending, t_log = [], time.time()
-      writer.write(step, host)
-    else:
-      progress.update(step, tokens=tokens)
-    if step % sc.eval_every == 0 or step == sc.steps:
-      writer.write(step, evaluate(state.params))
-    ckpt.save(step, state, meta={"data_position": loader.position, "config": config_to_json(config)})
-  progress.close()
-  ckpt.wait()
-  ckpt.close()
 
-  final_eval = evaluate(state.params)
-  writer.write(step, final_eval)
-  writer.close()
-  common.save_params(final_params_dir(workdir), state.params, {"step": step, "stage": "sft",
-                                                               "model": config.model.to_dict()})
-  plot_metrics(os.path.join(out_dir, "metrics.jsonl"), {"loss": ["train/loss", "eval/nll"],
-                                                        "token accuracy": ["sft/accuracy", "eval/accuracy"]},
-               os.path.join(out_dir, "loss.png"), title="SFT")
-  summary = {"steps": step, **final_eval}
-  common.write_json(os.path.join(out_dir, "summary.json"), summary)
-  print(f"[sft] done: {summary}")
+  def log_pending(*, advance: bool = True) -> None:
+    nonlocal pending, t_log
+    hosts = [common.to_host(m) for m in pending]  # one sync per log interval
+    host = common.mean_metrics(hosts)
+    if advance:
+      progress.update(step, loss=host["train/loss"], tokens=tokens)
+    host["train/tokens_per_s"] = progress.tokens_per_second
+    host["train/steps_per_s"] = len(pending) / max(time.time() - t_log, 1e-9)
+    pending, t_log = [], time.time()
+    writer.write(step, host)
+    nonfinite.update([m["train/skipped"] for m in hosts], step=step)
+
+  def meta() -> dict[str, Any]:
+    return {"data_position": loader.position, "config": config_to_json(config)}
+
+  with PreemptionGuard() as guard:
+    try:
+      for batch in loader:
+        if step >= sc.steps:
+          break
+        enc = _encode(tok, batch, config)
+        state, metrics = train_step(state, shd.shard_batch(enc, mesh))
+        step += 1
+        pending.append(metrics)
+        tokens = int(enc["mask"].sum())  # real (non-padding) tokens processed
+        if step % config.logging.every_steps == 0 or step == sc.steps:
+          log_pending()
+        else:
+          progress.update(step, tokens=tokens)
+        if step % sc.eval_every == 0 and step < sc.steps:  # the last step's eval is the final one, below
+          writer.write(step, evaluate(state.params))
+        # The last step is always saved: the final parameters can be rebuilt from it.
+        ckpt.save(step, state, meta=meta(), force=step == sc.steps)
+        if guard.should_stop(step):
+          if pending:
+            log_pending(advance=False)
+          ckpt.save(step, state, meta=meta(), force=True)  # no-op when this step was just saved
+          ckpt.wait()  # committed before the process says so
+          guard.exit(stage="sft", step=step, checkpoint=os.path.join(ckpt.directory, str(step)))
+      ckpt.wait()
+    except BaseException:  # an error, TrainingDiverged or Preempted: release files, keep the original exception
+      progress.close()
+      writer.close()
+      _close_quietly(ckpt)
+      raise
+    progress.close()
+    ckpt.close()
+
+    final_eval = evaluate(state.params)
+    writer.write(step, final_eval)
+    writer.close()
+    common.save_params(final_dir, state.params, {"step": step, "stage": "sft", "model": config.model.to_dict()})
+    plot_metrics(os.path.join(out_dir, "metrics.jsonl"), {"loss": ["train/loss", "eval/nll"],
+                                                          "token accuracy": ["sft/accuracy", "eval/accuracy"]},
+                 os.path.join(out_dir, "loss.png"), title="SFT")
+    summary = {"steps": step, "skipped_steps": nonfinite.total, **final_eval}
+    common.write_json(os.path.join(out_dir, "summary.json"), summary)
+    print(f"[sft] done: {summary}")
+    if guard.requested:  # the signal came after the last step: the stage is complete, stop before the next one
+      guard.exit(stage="sft", step=step, checkpoint=final_dir)
   return summary

@@ -24,14 +24,20 @@ def sequence_scores(apply_fn: Callable, params, tokens_BxS, mask_BxS) -> jax.Arr
 
 
 def completion_logprobs(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_len: int,
-                        *, with_entropy: bool = False):
-  """log π(token) of every completion slot [B, G] (and per-token entropy [B, G]).
+                        *, temperature: float = 1.0, with_entropy: bool = False):
+  """log π_T(token) of every completion slot [B, G] (and per-token entropy [B, G]).
 
-  The completion occupies slots [prompt_len, S); slot s is predicted by the
-  logits at s − 1.
+  π_T = softmax(logits / T): the distribution the sampler drew from at
+  temperature T (`rlhf_jax.sampling`), so importance ratios, KL and entropy all
+  refer to what was sampled. The completion occupies slots [prompt_len, S);
+  slot s is predicted by the logits at s − 1.
   """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
   logits, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1])
   logits_BxGxV = logits[:, prompt_len - 1:]
+  if temperature != 1.0:
+    logits_BxGxV = logits_BxGxV.astype(jnp.float32) / temperature
   lp = losses.token_logprobs(logits_BxGxV, tokens_BxS[:, prompt_len:])
   if not with_entropy:
     return lp

@@ -1,29 +1,38 @@
-"""PPO for RLHF as jitted device computations: scoring, selection and the update.
+"""PPO-style policy optimisation for every online algorithm: PPO (GAE + critic), GRPO, RLOO, REINFORCE.
 
-One PPO iteration is three jitted calls after sampling:
-  1. `score(...)`: reference log-probs, critic values and reward-model scores
-     of the rollout (one forward each);
-  2. `select_rows(...)`: policy filtration as a static-size gather of the kept
-     samples (rank-based strategies keep a fixed count per prompt) or as
-     per-sample weights (threshold and pow-k strategies);
-  3. `step(state, batch)`: KL-shaped per-token rewards, GAE, masked whitening,
-     then epochs × minibatches of clipped policy and value updates as nested
-     `lax.scan`s, and the adaptive-KL controller update.
+One RL iteration after sampling is three jitted calls:
+  1. `score(...)`: one fused call for the rollout's reference log-probs and, when
+     present, critic values and reward-model scores;
+  2. `prepare(...)`: critic-free group advantages (GRPO / RLOO / REINFORCE, over
+     all N samples of each prompt), policy filtration weights (PF-PPO), and a
+     static-size gather of the kept rows for rank-based strategies;
+  3. `step(state, batch)`: for `advantage="gae"`, KL-shaped per-token rewards,
+     GAE and masked whitening (weighted by the filtration weights) with a
+     critic; for group advantages, the sequence advantage on every completion
+     token and the KL as a loss term; then epochs × minibatches of clipped
+     policy (and value) updates as nested `lax.scan`s, and the adaptive-KL
+     controller update.
+
+Log-probs everywhere are those of the sampled distribution softmax(logits / T)
+(`temperature`), the same quantity the sampler reports, so the first
+minibatch's importance ratio is 1.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import losses
+from rlhf_jax import losses, selection
 from rlhf_jax.losses import KLControllerState
 from rlhf_jax.state import TrainState, apply_gradients
 from rlhf_jax.steps.common import completion_logprobs, completion_values, sequence_scores
+
+ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGES
 
 # Rank-based strategies keep a fixed number of samples per prompt, so the
 # update can run on a compacted batch (PF-PPO Table 4: 2nm, not 5nm, passes).
@@ -39,25 +48,45 @@ def kept_per_prompt(strategy: str, n: int) -> Optional[int]:
 
 @flax.struct.dataclass
 class PPOState:
+  """actor, critic (None for critic-free advantages) and the KL controller."""
   actor: TrainState
-  critic: TrainState
+  critic: Optional[TrainState]
   kl: KLControllerState
 
 
-def make_score_fn(actor_apply: Callable, critic_apply: Callable, reward_apply: Callable, *, prompt_len: int,
-                  reward_mean: float = 0.0, reward_std: float = 1.0) -> Callable:
-  """`score(ref_params, critic_params, rm_params, tokens, mask) -> dict` for a rollout.
+def critic_from_reward_model(rm_params: Any, *, reward_mean: float, reward_std: float) -> Any:
+  """Critic initial parameters from an RM whose outputs are normalised as (r − mean) / std.
 
-  Returns ref_logprobs [R,G], old_values [R,G], raw RM rewards [R] and the
-  normalised rewards (r − mean)/std with the RM's stored statistics.
+  The value head is the RM's head scaled by 1/std with its bias shifted, so the
+  critic starts out predicting the normalised reward the PPO rewards use.
+  """
+  out = dict(rm_params)
+  out["score_head"] = rm_params["score_head"] / reward_std
+  out["score_bias"] = (rm_params["score_bias"] - reward_mean) / reward_std
+  return out
+
+
+def make_score_fn(actor_apply: Callable, *, prompt_len: int, temperature: float = 1.0,
+                  critic_apply: Optional[Callable] = None, reward_apply: Optional[Callable] = None,
+                  reward_mean: float = 0.0, reward_std: float = 1.0) -> Callable:
+  """`score(ref_params, critic_params, rm_params, tokens, mask) -> dict`: one fused call for a rollout.
+
+  Returns `ref_logprobs` [R, G] (at `temperature`), `old_values` [R, G] when
+  there is a critic, and `rm_rewards` [R] (raw) and `rm_scores` [R]
+  ((r − mean) / std) when there is a reward model. Pass None for the params of
+  what is absent.
   """
 
   def score(ref_params, critic_params, rm_params, tokens_RxS, mask_RxS):
-    ref_lp = completion_logprobs(actor_apply, ref_params, tokens_RxS, mask_RxS, prompt_len)
-    values = completion_values(critic_apply, critic_params, tokens_RxS, mask_RxS, prompt_len)
-    raw = sequence_scores(reward_apply, rm_params, tokens_RxS, mask_RxS)
-    return {"ref_logprobs": ref_lp, "old_values": values, "rm_rewards": raw,
-            "scores": (raw - reward_mean) / reward_std}
+    out = {"ref_logprobs": completion_logprobs(actor_apply, ref_params, tokens_RxS, mask_RxS, prompt_len,
+                                               temperature=temperature)}
+    if critic_apply is not None:
+      out["old_values"] = completion_values(critic_apply, critic_params, tokens_RxS, mask_RxS, prompt_len)
+    if reward_apply is not None:
+      raw = sequence_scores(reward_apply, rm_params, tokens_RxS, mask_RxS)
+      out["rm_rewards"] = raw
+      out["rm_scores"] = (raw - reward_mean) / reward_std
+    return out
 
   return score
 
@@ -80,29 +109,86 @@ def select_rows(batch: dict, weights_PxN: jax.Array, *, keep: Optional[int]) -> 
   return out
 
 
-def make_ppo_step(actor_apply: Callable, critic_apply: Callable, actor_tx: optax.GradientTransformation,
-                  critic_tx: optax.GradientTransformation, *, prompt_len: int, clip_eps: float = 0.2,
-                  value_clip_eps: Optional[float] = 0.2, gamma: float = 1.0, lam: float = 0.95,
-                  kl_estimator: str = "k1", kl_target: Optional[float] = None, kl_horizon: float = 10_000.0,
-                  epochs: int = 1, minibatches: int = 1, loss_agg: str = "seq_mean_token_mean",
-                  reward_clip: Optional[float] = 10.0, entropy_coef: float = 0.0) -> Callable:
-  """`step(state: PPOState, batch) -> (state, metrics)`: one PPO update on a scored rollout.
+def make_prepare_fn(*, advantage: str, strategy: str = "none", n: int, compact: bool = True,
+                    **filtration_kwargs) -> Callable:
+  """`prepare(batch, scores_PxN, key) -> (batch, weights_PxN)`, jittable.
 
-  batch (B rows): tokens, mask [B,S]; completion_mask, old_logprobs,
-  ref_logprobs, old_values [B,G]; scores [B] (normalised sequence rewards);
-  weights [B] (filtration weights, 0 = not trained on). B must be divisible
-  by `minibatches`.
+  Adds `scores` [P·N] and, for critic-free advantages, the sequence
+  `advantages` [P·N] computed over all N samples of each prompt (before
+  filtration, so a filtered sample's baseline is still its whole group); then
+  the filtration weights of `strategy` and, with `compact` and a rank-based
+  strategy, the static-size gather of the kept rows.
   """
+  if advantage not in ADVANTAGES:
+    raise ValueError(f"advantage must be one of {ADVANTAGES}, got {advantage!r}")
+  keep = kept_per_prompt(strategy, n) if compact else None
+
+  def prepare(batch: dict, scores_PxN: jax.Array, key: jax.Array):
+    batch = {**batch, "scores": scores_PxN.reshape(-1)}
+    if advantage != "gae":
+      batch["advantages"] = losses.group_advantages(scores_PxN, kind=advantage).reshape(-1)
+    weights = selection.filtration_weights(scores_PxN, strategy=strategy, key=key, **filtration_kwargs)
+    return select_rows(batch, weights, keep=keep), weights
+
+  return prepare
+
+
+def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation, *, prompt_len: int,
+                  advantage: str = "gae", critic_apply: Optional[Callable] = None,
+                  critic_tx: Optional[optax.GradientTransformation] = None, temperature: float = 1.0,
+                  clip_eps: float = 0.2, value_clip_eps: Optional[float] = 0.2, gamma: float = 1.0, lam: float = 0.95,
+                  kl_estimator: str = "k1", kl_in_reward: Optional[bool] = None, kl_target: Optional[float] = None,
+                  kl_horizon: float = 10_000.0, epochs: int = 1, minibatches: int = 1,
+                  loss_agg: str = "seq_mean_token_mean", reward_clip: Optional[float] = 10.0,
+                  entropy_coef: float = 0.0) -> Callable:
+  """`step(state: PPOState, batch) -> (state, metrics)`: one policy update on a scored rollout.
+
+  Args:
+    actor_apply, actor_tx: the policy's apply_fn and optimizer.
+    prompt_len: P; completions occupy slots [P, S) of `tokens`.
+    advantage: "gae" (critic, KL-shaped token rewards, GAE, whitening) or a
+      critic-free group estimator "grpo" / "rloo" / "reinforce" (the batch
+      carries `advantages` [B] from `make_prepare_fn`; no critic state).
+    critic_apply, critic_tx: the critic (required for "gae", unused otherwise).
+    temperature: T of the sampled distribution softmax(logits / T).
+    kl_in_reward: KL to the reference as a per-token reward penalty (True,
+      InstructGPT) or as a loss term on the k-estimator (False, GRPO); default
+      True for "gae", False otherwise. Its coefficient is `state.kl.kl_coef`.
+    Others: as `losses.ppo_policy_loss`, `losses.value_loss`, `losses.gae`,
+      `losses.kl_shaped_rewards`, `losses.adaptive_kl_update`.
+
+  batch (B rows): tokens, mask [B, S]; completion_mask, old_logprobs,
+  ref_logprobs [B, G]; old_values [B, G] ("gae"); scores [B] (normalised
+  sequence rewards); advantages [B] (group estimators); weights [B]
+  (filtration weights; 0 = not trained on, fractional = reweighted).
+  B must be divisible by `minibatches`.
+  """
+  if advantage not in ADVANTAGES:
+    raise ValueError(f"advantage must be one of {ADVANTAGES}, got {advantage!r}")
+  use_critic = advantage == "gae"
+  if use_critic and (critic_apply is None or critic_tx is None):
+    raise ValueError("advantage='gae' needs critic_apply and critic_tx")
   if epochs < 1 or minibatches < 1:
     raise ValueError(f"epochs={epochs} and minibatches={minibatches} must be >= 1")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  kl_in_reward = use_critic if kl_in_reward is None else kl_in_reward
 
-  def policy_loss_fn(params, mb):
-    lp, ent = completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len, with_entropy=True)
+  def policy_loss_fn(params, mb, kl_coef):
+    lp, ent = completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
+                                  temperature=temperature, with_entropy=True)
     loss, metrics = losses.ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
                                            clip_eps=clip_eps, loss_agg=loss_agg, weights=mb["weights"])
     ent_mask = mb["completion_mask"] * (mb["weights"] > 0)[:, None]
     entropy = losses.masked_mean(ent, ent_mask)
-    return loss - entropy_coef * entropy, {**metrics, "policy/loss": loss, "policy/entropy": entropy}
+    total = loss - entropy_coef * entropy
+    metrics = {**metrics, "policy/loss": loss, "policy/entropy": entropy}
+    if not kl_in_reward:
+      kl_tok = losses.kl_penalty(lp, mb["ref_logprobs"], kind=kl_estimator)
+      kl_loss = losses.aggregate_loss(kl_tok, mb["completion_mask"], loss_agg=loss_agg, weights_B=mb["weights"])
+      total = total + kl_coef * kl_loss
+      metrics["policy/kl_loss"] = kl_loss
+    return total, metrics
 
   def value_loss_fn(params, mb):
     values = completion_values(critic_apply, params, mb["tokens"], mb["mask"], prompt_len)
@@ -111,13 +197,16 @@ def make_ppo_step(actor_apply: Callable, critic_apply: Callable, actor_tx: optax
     return loss, {**metrics, "value/loss": loss}
 
   def minibatch_update(carry, mb):
-    actor, critic = carry
-    (_, pm), pg = jax.value_and_grad(policy_loss_fn, has_aux=True)(actor.params, mb)
-    (_, vm), vg = jax.value_and_grad(value_loss_fn, has_aux=True)(critic.params, mb)
+    actor, critic, kl_coef = carry
+    (_, metrics), pg = jax.value_and_grad(policy_loss_fn, has_aux=True)(actor.params, mb, kl_coef)
     actor = apply_gradients(actor, pg, actor_tx)
-    critic = apply_gradients(critic, vg, critic_tx)
-    return (actor, critic), {**pm, **vm, "policy/grad_norm": optax.global_norm(pg),
-                             "value/grad_norm": optax.global_norm(vg)}
+    metrics["policy/grad_norm"] = optax.global_norm(pg)
+    if use_critic:
+      (_, vm), vg = jax.value_and_grad(value_loss_fn, has_aux=True)(critic.params, mb)
+      critic = apply_gradients(critic, vg, critic_tx)
+      metrics.update(vm)
+      metrics["value/grad_norm"] = optax.global_norm(vg)
+    return (actor, critic, kl_coef), metrics
 
   def step(state: PPOState, batch: dict):
     b = batch["tokens"].shape[0]
@@ -125,14 +214,27 @@ def make_ppo_step(actor_apply: Callable, critic_apply: Callable, actor_tx: optax
       raise ValueError(f"batch of {b} rows is not divisible into {minibatches} minibatches")
     cmask = batch["completion_mask"].astype(jnp.float32)
     weights = batch["weights"].astype(jnp.float32)
-    token_rewards, reward_metrics = losses.kl_shaped_rewards(
-        batch["scores"], batch["old_logprobs"], batch["ref_logprobs"], cmask, kl_coef=state.kl.kl_coef,
-        kind=kl_estimator, reward_clip=reward_clip)
-    advantages, returns = losses.gae(token_rewards, batch["old_values"], cmask, gamma=gamma, lam=lam)
-    train_mask = cmask * (weights > 0)[:, None]
-    advantages = losses.masked_whiten(advantages, train_mask)
-    data = {**batch, "advantages": jax.lax.stop_gradient(advantages), "returns": jax.lax.stop_gradient(returns),
-            "completion_mask": cmask, "weights": weights}
+    weighted_mask = cmask * weights[:, None]  # fractional weights (pow_k) weight the whitening statistics too
+    kl_coef = state.kl.kl_coef
+    data = {k: v for k, v in batch.items() if k not in ("scores", "advantages")}
+    data.update(completion_mask=cmask, weights=weights)
+    extra = {}
+    if use_critic:
+      token_rewards, reward_metrics = losses.kl_shaped_rewards(
+          batch["scores"], batch["old_logprobs"], batch["ref_logprobs"], cmask,
+          kl_coef=kl_coef if kl_in_reward else 0.0, kind=kl_estimator, reward_clip=reward_clip)
+      adv, returns = losses.gae(token_rewards, batch["old_values"], cmask, gamma=gamma, lam=lam)
+      adv = losses.masked_whiten(adv, weighted_mask)
+      data["returns"] = jax.lax.stop_gradient(returns)
+      extra["reward/shaped_total"] = jnp.sum(jnp.sum(token_rewards, 1) * weights) / jnp.maximum(jnp.sum(weights),
+                                                                                                  1e-8)
+      extra["value/mean"] = losses.masked_mean(batch["old_values"], weighted_mask)
+      extra["reward/clip_frac"] = reward_metrics["reward/clip_frac"]
+    else:
+      if kl_in_reward:
+        raise ValueError("group advantages take the KL as a loss term (kl_in_reward=False)")
+      adv = batch["advantages"][:, None] * cmask
+    data["advantages"] = jax.lax.stop_gradient(adv)
 
     rng = jax.random.fold_in(state.actor.rng, state.actor.step)
 
@@ -142,26 +244,28 @@ def make_ppo_step(actor_apply: Callable, critic_apply: Callable, actor_tx: optax
                          data)
       return jax.lax.scan(minibatch_update, carry, mbs)
 
-    (actor, critic), mb_metrics = jax.lax.scan(epoch, (state.actor, state.critic), jax.random.split(rng, epochs))
+    (actor, critic, _), mb_metrics = jax.lax.scan(epoch, (state.actor, state.critic, state.kl.kl_coef),
+                                                  jax.random.split(rng, epochs))
 
-    seq_kl = losses.masked_sum(losses.kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], kind="k1"),
-                               cmask, axis=1)
     sample_w = weights / jnp.maximum(jnp.sum(weights), 1e-8)
+    seq_kl = losses.masked_sum(losses.kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], kind="k1"), cmask, 1)
+    seq_k3 = losses.masked_sum(losses.kl_penalty(batch["old_logprobs"], batch["ref_logprobs"], kind="k3"), cmask, 1)
     mean_kl = jnp.sum(seq_kl * sample_w)
     kl_state = state.kl
     if kl_target is not None:
       kl_state = losses.adaptive_kl_update(kl_state, mean_kl, b, target=kl_target, horizon=kl_horizon)
     metrics = {k: jnp.mean(v) for k, v in mb_metrics.items()}
+    metrics.update(extra)
     metrics.update({
         "kl/ref": mean_kl,
+        "kl/ref_k3": jnp.sum(seq_k3 * sample_w),
         "kl/coef": state.kl.kl_coef,
         "reward/score": jnp.sum(batch["scores"] * sample_w),
-        "reward/shaped_total": jnp.sum(jnp.sum(token_rewards, 1) * sample_w),
         "response/length": jnp.sum(jnp.sum(cmask, 1) * sample_w),
         "filter/kept_fraction": jnp.mean(weights > 0),
-        "value/mean": losses.masked_mean(batch["old_values"], train_mask),
     })
-    metrics.update({k: v for k, v in reward_metrics.items() if k not in metrics})
+    if not use_critic:
+      metrics["advantage/abs_mean"] = jnp.sum(jnp.abs(batch["advantages"]) * sample_w)
     return PPOState(actor=actor, critic=critic, kl=kl_state), metrics
 
   return step

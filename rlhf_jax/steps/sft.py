@@ -8,7 +8,7 @@ import jax
 import optax
 
 from rlhf_jax import losses
-from rlhf_jax.state import TrainState, apply_gradients
+from rlhf_jax.state import TrainState, apply_gradients_with_status
 
 
 def sft_logits_targets(apply_fn: Callable, params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -23,6 +23,8 @@ def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation) -
 
   batch: tokens, mask, loss_mask, each [B, L] int32 (prompt left-padded,
   response right-padded; loss_mask marks response tokens incl. EOS).
+  metrics include `train/skipped` (1.0 when a non-finite loss or gradient
+  skipped the update, see `state.apply_gradients_with_status`).
   """
 
   def loss_fn(params, batch):
@@ -31,8 +33,9 @@ def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation) -
 
   def step(state: TrainState, batch: dict):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    new_state = apply_gradients(state, grads, optimizer)
-    metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+    # A non-finite loss or gradient skips the update (params unchanged); `train/skipped` is 1.0 then.
+    new_state, skipped = apply_gradients_with_status(state, grads, optimizer, loss=loss)
+    metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/skipped": skipped}
     return new_state, metrics
 
   return step

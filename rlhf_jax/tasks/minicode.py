@@ -257,8 +257,11 @@ class Problem:
 def program_for(problem: Mapping[str, Any] | Problem, completion: str) -> str:
   """The program that tests ``completion`` of ``problem`` (HumanEval convention).
 
-  ``prompt + completion + "\\n" + test + "\\ncheck(entry_point)\\n"``; it runs
-  to its end cleanly iff every hidden assert holds.
+  ``prompt + completion + "\\n" + test``, then ``check(entry_point)`` run by a
+  grader the completion cannot fool (``execution.grading.guarded_program``:
+  builtins snapshotted before the prompt, every value the candidate returns
+  rebuilt as a plain builtin value or a ``TypeError``); it runs to its end
+  cleanly iff every hidden assert holds on what the candidate really computed.
 
   Args:
     problem: a ``Problem`` or a dict with ``prompt``, ``test``, ``entry_point``.
@@ -274,8 +277,8 @@ def program_for(problem: Mapping[str, Any] | Problem, completion: str) -> str:
       raise ValueError(f"problem is missing the field {key!r}")
   if not isinstance(completion, str):
     raise ValueError(f"completion must be a str, got {type(completion).__name__}")
-  return (problem["prompt"] + completion + "\n" + problem["test"]
-          + f"\ncheck({problem['entry_point']})\n")
+  from rlhf_jax.execution.grading import guarded_program  # noqa: PLC0415 - host-only helper
+  return guarded_program(problem["prompt"], completion, problem["test"], problem["entry_point"])
 
 
 # ----------------------------------------------------------------------------

