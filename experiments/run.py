@@ -292,18 +292,39 @@ def main(argv: Sequence[str]) -> int:
     _fail(f"invalid config: {e}")
 
   workdir = os.path.abspath(_WORKDIR.value or os.path.join("runs", name))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    _write_atomic(os.path.join(workdir, "config.json"), config_to_json(config) + "\n")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+      raise PermissionError(f"no write permission on {workdir}")
+    if jax.process_index() == 0:
+      # Every invocation keeps its own config (an eval run never overwrites the training run's);
+      # config.json is the first run's, and each stage keeps its own provenance.json.
+      text = config_to_json(config) + "\n"
+      runs_dir = os.path.join(workdir, "invocations")
+      os.makedirs(runs_dir, exist_ok=True)
+      _write_atomic(os.path.join(runs_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{name}.json"), text)
+      if not os.path.exists(os.path.join(workdir, "config.json")):
+        _write_atomic(os.path.join(workdir, "config.json"), text)
+  except OSError as e:
+    _fail(f"--workdir: cannot write to {workdir}: {e.strerror or e}")
   print(f"[run] config {name}, workdir {workdir}, {jax.process_count()} process(es), "
         f"{jax.device_count()} device(s), stages {[s for s, _ in stage_fns]}", flush=True)
   logging.info("config %s, workdir %s, %d processes, %d devices, stages %s",
                name, workdir, jax.process_count(), jax.device_count(),
                [s for s, _ in stage_fns])
+  from rlhf_jax.checkpointing import CheckpointError  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.pipelines.common import SettingsChanged  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.utils.divergence import TrainingDiverged  # pylint: disable=import-outside-toplevel
   for stage, fn in stage_fns:
     start = time.time()
     logging.info("stage %s: start", stage)
-    fn(config, workdir)
+    try:
+      fn(config, workdir)
+    except SettingsChanged as e:  # a usage error: what exists was made with other settings
+      _fail(f"stage {stage}: {e}")
+    except (CheckpointError, TrainingDiverged) as e:
+      print(f"experiments.run: error: stage {stage}: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
     print(f"[run] stage {stage}: done in {time.time() - start:.1f} s", flush=True)
   return 0
 

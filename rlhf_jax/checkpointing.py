@@ -152,8 +152,8 @@ class _Unusable(Exception):
 # --- checksums ---------------------------------------------------------------------------
 # checksum_lane(x) = Σ_i mix(bits(x_i) ^ (a·i + b))  (mod 2^32), i the row-major element index, (a, b)
 # the lane's constants, mix the "lowbias32" integer finaliser (a bijection of uint32). For a fixed i each term is a
-# bijection of the element's bits, so changing any single element always changes the sum; several
-# changes collide with probability ~2^-64 over the two lanes. Integer sums are exact and
+# bijection of the element's bits, so changing any single element always changes the sum; random
+# changes to several elements go unnoticed with probability ~2^-64 (two independent lanes). Integer sums are exact and
 # order-free, so the value is the same whatever the sharding (or on the host, see _host_checksum).
 def _mix(x, xp):
   x = x ^ (x >> 16)
@@ -233,7 +233,8 @@ def _host_checksum(x: np.ndarray) -> str:
 
 
 def all_finite(tree: Any) -> bool:
-  """True when no floating leaf of `tree` holds NaN or Inf (one jitted reduction, one tiny transfer)."""
+  """True when no floating leaf of `tree` holds NaN or Inf: the check `Checkpointer.save` makes (one jitted
+  program over the tree, one small device-to-host transfer)."""
   finite, _ = _fingerprint(tree)
   return all(finite.values())
 
@@ -324,7 +325,7 @@ class Checkpointer:
     need = sum(int(getattr(x, "nbytes", None) or np.asarray(x).nbytes) for x in jax.tree.leaves(state))
     try:
       os.makedirs(self.directory, exist_ok=True)
-      probe = os.path.join(self.directory, f".write-test-{os.getpid()}")
+      probe = os.path.join(self.directory, f".write-test-{jax.process_index()}-{os.getpid()}")
       with open(probe, "wb") as f:
         f.write(b"\0" * 4096)
       os.remove(probe)
@@ -386,8 +387,8 @@ class Checkpointer:
               meta=ocp.args.JsonSave(meta)),
           force=True))
     except Exception as e:  # pylint: disable=broad-except
-      # With async saves this may be the previous save's failure, reported now.
-      raise self._save_error(self._pending_step if self._pending_step is not None else step, e) from None
+      # With async saves the cause may be the previous save's failure, reported now.
+      raise self._save_error(step, e) from None
     self._pending_step = step if started else self._pending_step
     return started
 

@@ -403,8 +403,9 @@ def check_ppo(config, device_count: int | None) -> None:
     raise ConfigError("config.ppo.threshold", f"strategy {strategy!r} needs a threshold")
   if strategy == "top_bottom" and _get(config, "ppo.lower_threshold", None) is None:
     raise ConfigError("config.ppo.lower_threshold", "strategy 'top_bottom' needs a lower threshold")
-  _require(config, "ppo.reward_source", lambda v: v in REWARD_SOURCES,
-           "must be 'rm' (the learned reward model) or 'task' (the task's exact grader, optionally + noise)")
+  _require(config, "ppo.reward_source", lambda v: v in REWARD_SOURCES + ("am",),
+           "must be 'rm' (the learned reward model), 'am' (the advantage model of the am stage) or 'task' (the "
+           "task's exact grader, optionally + noise)")
   _require(config, "ppo.reward_noise", lambda v: v >= 0, "must be >= 0")
   _require(config, "ppo.reward_noise_shape", lambda v: v in NOISE_SHAPES, f"must be one of {NOISE_SHAPES}")
   if any(s in RL_STAGES for s in stages):
@@ -484,10 +485,196 @@ def check_loop(config, device_count: int | None) -> None:
                         f"must be >= 0, got {section['eval_batches']}")
 
 
+RS_SELECTIONS = ("best_of_n", "threshold")
+BOND_VARIANTS = ("jbond", "bond")
+BOND_BASELINES = ("loo", "none")
+
+
+def _check_rollout_rows(config, device_count: int | None, paths: Sequence[str]) -> None:
+  if device_count is None or _get(config, "mesh.shape") is _MISSING:
+    return
+  dp = data_parallel_size(config, device_count)
+  for path in paths:
+    rows = _get(config, path, None)
+    if rows is not None and rows % dp:
+      raise ConfigError(f"config.{path}", f"{rows} is not divisible by the data-parallel size {dp}")
+
+
+def _check_sampled_logprobs(config, stage: str) -> None:
+  """Stages that train on log-probs of their samples need plain temperature-1 sampling."""
+  if _get(config, "sampling.top_k", 0) or _get(config, "sampling.top_p", 1.0) < 1.0:
+    raise ConfigError("config.sampling.top_k" if _get(config, "sampling.top_k", 0) else "config.sampling.top_p",
+                      f"the {stage} stage trains on the log-probs of its samples: top-k / top-p must be off")
+
+
+def check_bon(config, device_count: int | None) -> None:
+  """Best-of-N inference: N values >= 1, a reward source, prompts."""
+  ns = _get(config, "bon.ns", None)
+  if ns is None:
+    return
+  if not ns:
+    raise ConfigError("config.bon.ns", "must list at least one N")
+  for i, n in enumerate(ns):
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+      raise ConfigError(f"config.bon.ns[{i}]", f"must be an int >= 1, got {n!r}")
+  _require(config, "bon.num_prompts", lambda v: v >= 1, "must be >= 1")
+  _require(config, "bon.rollout_batch", lambda v: v >= 1, "must be >= 1")
+  _require(config, "bon.reward_source", lambda v: v in REWARD_SOURCES, f"must be one of {REWARD_SOURCES}")
+  if "bon" in tuple(_get(config, "stages", ())):
+    _check_rollout_rows(config, device_count, ("bon.rollout_batch",))
+
+
+def check_rs(config, device_count: int | None) -> None:
+  """Rejection sampling: a selection rule with what it needs, sizes >= 1."""
+  if _get(config, "rs.rounds", None) is None:
+    return
+  for key in ("rounds", "prompts_per_round", "samples_per_prompt", "sft_steps", "eval_samples", "rollout_batch"):
+    _require(config, f"rs.{key}", lambda v: v >= 1, "must be >= 1")
+  _require(config, "rs.eval_prompts", lambda v: v >= 0, "must be >= 0 (0 = no held-out evaluation)")
+  _require(config, "rs.selection", lambda v: v in RS_SELECTIONS, f"must be one of {RS_SELECTIONS}")
+  _require(config, "rs.reward_source", lambda v: v in REWARD_SOURCES, f"must be one of {REWARD_SOURCES}")
+  if _get(config, "rs.selection", None) == "threshold" and _get(config, "rs.threshold", None) is None:
+    raise ConfigError("config.rs.threshold", "selection 'threshold' needs a threshold")
+  if "rs" in tuple(_get(config, "stages", ())):
+    if not _get(config, "sampling.temperature", 1.0) > 0:
+      raise ConfigError("config.sampling.temperature", "rejection sampling needs a temperature > 0 "
+                        "(greedy draws N copies of one completion)")
+    _check_rollout_rows(config, device_count, ("rs.rollout_batch", "rs.prompts_per_round"))
+
+
+def check_bond(config, device_count: int | None) -> None:
+  """BOND / J-BOND: the variant's sample counts, β, η, γ ranges, temperature-1 sampling."""
+  if _get(config, "bond.iterations", None) is None:
+    return
+  for key in ("prompts_per_iteration", "anchor_samples", "n", "reference_samples", "eval_samples",
+              "checkpoint_every", "rollout_batch"):
+    _require(config, f"bond.{key}", lambda v: v >= 1, "must be >= 1")
+  _require(config, "bond.eval_prompts", lambda v: v >= 0, "must be >= 0 (0 = no held-out evaluation)")
+  _require(config, "bond.variant", lambda v: v in BOND_VARIANTS, f"must be one of {BOND_VARIANTS}")
+  _require(config, "bond.baseline", lambda v: v in BOND_BASELINES, f"must be one of {BOND_BASELINES}")
+  _require(config, "bond.reward_source", lambda v: v in REWARD_SOURCES, f"must be one of {REWARD_SOURCES}")
+  _require(config, "bond.beta", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+  _require(config, "bond.eta", lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = frozen anchor)")
+  _require(config, "bond.gamma", lambda v: v >= 0, "must be >= 0")
+  _require(config, "bond.hard_anchor_every", lambda v: v >= 1, "must be >= 1 (or None = EMA anchor)")
+  variant, k, n = _get(config, "bond.variant", "jbond"), _get(config, "bond.anchor_samples", 2), _get(
+      config, "bond.n", 2)
+  if variant == "jbond" and k != 2:
+    raise ConfigError("config.bond.anchor_samples", f"J-BOND takes exactly 2 anchor samples per prompt, got {k}")
+  if variant == "jbond" and n != 2:
+    raise ConfigError("config.bond.n", f"J-BOND distils Best-of-2: must be 2, got {n}")
+  if variant == "bond" and n > k:
+    raise ConfigError("config.bond.n", f"BOND's forward term needs n <= bond.anchor_samples ({k}), got {n}")
+  if "bond" in tuple(_get(config, "stages", ())):
+    if _get(config, "sampling.temperature", 1.0) != 1.0:
+      raise ConfigError("config.sampling.temperature", "the bond stage's step scores samples under softmax(logits) "
+                        f"(temperature 1): sample at 1.0, got {_get(config, 'sampling.temperature')}")
+    _check_sampled_logprobs(config, "bond")
+    _check_rollout_rows(config, device_count, ("bond.rollout_batch", "bond.prompts_per_iteration"))
+
+
+def check_am(config, device_count: int | None) -> None:
+  """AM coefficients, the mixture's members and weights, Selective Rehearsal settings."""
+  del device_count
+  for key in ("mean_coef", "bound_coef", "regulation_coef"):
+    _require(config, f"am.{key}", lambda v: v >= 0, "must be >= 0 (0 switches the term off)")
+  for key in ("bound", "importance_clip", "target_var"):
+    _require(config, f"am.{key}", lambda v: v > 0, "must be > 0")
+  _require(config, "am.stats_momentum", lambda v: 0 <= v < 1, "must be in [0, 1)")
+  _require(config, "am.hist_bins", lambda v: v >= 1, "must be >= 1")
+  if _get(config, "task.name", None) == "mixture":
+    members = tuple(_get(config, "task.mixture_tasks", ()))
+    weights = tuple(_get(config, "task.mixture_weights", ()))
+    if not members:
+      raise ConfigError("config.task.mixture_tasks", "task 'mixture' needs at least one member")
+    if len(set(members)) != len(members):
+      raise ConfigError("config.task.mixture_tasks", f"members must be distinct, got {members}")
+    from rlhf_jax.tasks.registry import check_mixture_member  # pylint: disable=import-outside-toplevel
+    for i, m in enumerate(members):
+      problem = check_mixture_member(m)
+      if problem:
+        raise ConfigError(f"config.task.mixture_tasks[{i}]", problem)
+    if weights and len(weights) != len(members):
+      raise ConfigError("config.task.mixture_weights", f"needs one weight per member ({len(members)}), got "
+                        f"{len(weights)}")
+    if weights and (any(w < 0 for w in weights) or sum(weights) <= 0):
+      raise ConfigError("config.task.mixture_weights", f"must be >= 0 and not all 0, got {weights}")
+  if _get(config, "sr.coef", None) is None:
+    return
+  _require(config, "sr.coef", lambda v: v >= 0, "must be >= 0 (0 = off)")
+  _require(config, "sr.per_cluster", lambda v: v >= 1, "must be >= 1")
+  p_count = _get(config, "ppo.prompts_per_iteration", None)
+  _require(config, "sr.clusters", lambda v: v >= 1 and (p_count is None or v <= p_count),
+           f"must be in [1, ppo.prompts_per_iteration={p_count}]")
+  if _get(config, "sr.coef") > 0 and _get(config, "ppo.reward_source", None) != "am":
+    raise ConfigError("config.sr.coef", "Selective Rehearsal chooses expert examples by AM score: it "
+                      "needs ppo.reward_source='am' (and the am stage)")
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+AUTOIF_WRONG_KINDS = ("off_by_one", "always_true", "inverted", "raises", "hangs", "syntax_error")
+
+
+def check_dpo(config, device_count: int | None) -> None:
+  """Offline and online DPO and the AutoIF data stage: values, and the combinations they cannot run with."""
+  for sec in ("dpo", "online_dpo"):
+    if _get(config, sec, None) is None:
+      continue
+    _require(config, f"{sec}.beta", lambda v: v > 0, "must be > 0")
+    _require(config, f"{sec}.loss_type", lambda v: v in DPO_LOSS_TYPES, f"must be one of {DPO_LOSS_TYPES}")
+    _require(config, f"{sec}.label_smoothing", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+    if _get(config, f"{sec}.label_smoothing", 0.0) and _get(config, f"{sec}.loss_type", "sigmoid") != "sigmoid":
+      raise ConfigError(f"config.{sec}.label_smoothing", "label smoothing (cDPO) only applies to loss_type 'sigmoid'")
+  if _get(config, "online_dpo", None) is not None:
+    for key in ("rounds", "prompts_per_round", "samples_per_prompt", "max_pos", "max_neg", "steps_per_round",
+                "eval_every", "eval_samples", "rollout_batch"):
+      _require(config, f"online_dpo.{key}", lambda v: v >= 1, "must be >= 1")
+    _require(config, "online_dpo.samples_per_prompt", lambda v: v >= 2,
+             "must be >= 2 (a pair needs a positive and a negative sample of the same prompt)")
+    _require(config, "online_dpo.eval_prompts", lambda v: v >= 0, "must be >= 0 (0 = no held-out evaluation)")
+    _require(config, "online_dpo.temperature", lambda v: v > 0, "must be > 0 (greedy samples are all alike)")
+    _require(config, "online_dpo.reward_source", lambda v: v in ("task", "rm"), "must be 'task' or 'rm'")
+    _require(config, "online_dpo.pos_threshold", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    _require(config, "online_dpo.reference_update", lambda v: v in ("sft", "previous"), "must be 'sft' or 'previous'")
+    _require(config, "online_dpo.reference", lambda v: v in ("precomputed", "inline"),
+             "must be 'precomputed' or 'inline'")
+    if device_count is not None and _get(config, "mesh.shape") is not _MISSING:
+      dp = data_parallel_size(config, device_count)
+      rows = _get(config, "online_dpo.rollout_batch", 1)
+      if rows % dp:
+        raise ConfigError("config.online_dpo.rollout_batch", f"{rows} is not divisible by the data-parallel size {dp}")
+  if _get(config, "autoif", None) is not None:
+    _require(config, "autoif.supervisor", lambda v: v in ("scripted", "policy", "policy_responses"),
+             "must be 'scripted', 'policy' or 'policy_responses'")
+    _require(config, "autoif.cross_validation", lambda v: v in ("paper", "code", "none"),
+             "must be 'paper', 'code' or 'none'")
+    for key in ("verifiers_per_instruction", "queries_per_instruction", "responses_per_prompt", "num_eval",
+                "eval_max_constraints"):
+      _require(config, f"autoif.{key}", lambda v: v >= 1, "must be >= 1")
+    _require(config, "autoif.augment_completions", lambda v: v >= 0, "must be >= 0 (0 = seeds only)")
+    _require(config, "autoif.eval_fraction", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _require(config, "autoif.temperature", lambda v: v > 0, "must be > 0")
+    _require(config, "autoif.timeout_s", lambda v: v > 0, "must be > 0")
+    _require(config, "autoif.response_threshold", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    _require(config, "autoif.min_quality_score", lambda v: 0 <= v <= 10, "must be in [0, 10]")
+    chars = _get(config, "autoif.query_chars", None)
+    if chars not in (None, _MISSING) and (len(chars) != 2 or chars[0] >= chars[1]):
+      raise ConfigError("config.autoif.query_chars", f"must be (min, max) with min < max, got {tuple(chars)!r}")
+    wrong = _get(config, "autoif.scripted_wrong_kinds", None)
+    if wrong not in (None, _MISSING) and (not wrong or set(wrong) - set(AUTOIF_WRONG_KINDS)):
+      raise ConfigError("config.autoif.scripted_wrong_kinds",
+                        f"must be a non-empty subset of {AUTOIF_WRONG_KINDS}, got {wrong!r}")
+    # Unknown constraint type names are refused by the autoif stage (the catalogue lives in the host layer).
+    if "startend:repeat_prompt" in (_get(config, "autoif.train_types", ()) or ()):
+      raise ConfigError("config.autoif.train_types", "'startend:repeat_prompt' takes its parameters from the query "
+                        "and cannot be a seed instruction")
+
+
 Check = Callable[[ml_collections.ConfigDict, "int | None"], None]
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_stages, check_finite, check_mesh, check_batch_sizes, check_sampling, check_model,
     check_lengths, check_loop, check_optimizers, check_algo, check_task, check_rm, check_ppo, check_eval,
+    check_bon, check_rs, check_bond, check_am, check_dpo,
 )
 
 

@@ -320,8 +320,8 @@ def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path):
   with checkpointing.Checkpointer(tmp_path / "c") as ckpt:
     assert ckpt.save(1, state, meta={})
     ckpt.wait()
-    with pytest.raises(checkpointing.CheckpointError,
-                       match=r"refusing to save checkpoint step 2 .*NaN or Inf \(in params.norm.scale\).*step\(s\) \[1\]"):
+    with pytest.raises(checkpointing.CheckpointError, match=r"refusing to save checkpoint step 2 .*NaN or Inf "
+                                                           r"\(in params.norm.scale\).*step\(s\) \[1\]"):
       ckpt.save(2, bad, meta={})
     assert ckpt.all_steps() == [1]
   assert sorted(os.listdir(tmp_path / "c")) == ["1"]

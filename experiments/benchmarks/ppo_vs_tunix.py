@@ -131,9 +131,11 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
   # eos_id outside the vocabulary: every row generates all new tokens, as on the tunix side.
   sampler = Sampler(cfg, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=num_samples),
                     eos_id=-1, pad_id=0)
-  score = jax.jit(make_ppo_score_fn(lm_apply, scalar_apply, scalar_apply, prompt_len=args.prompt_len))
+  score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=args.prompt_len, critic_apply=scalar_apply,
+                                    reward_apply=scalar_apply))
   select = jax.jit(lambda batch: select_rows(batch, jnp.ones((num_prompts, num_samples), jnp.float32), keep=None))
-  update = jax.jit(make_ppo_step(lm_apply, scalar_apply, actor_tx, critic_tx, prompt_len=args.prompt_len,
+  update = jax.jit(make_ppo_step(lm_apply, actor_tx, critic_apply=scalar_apply, critic_tx=critic_tx,
+                                 prompt_len=args.prompt_len,
                                  clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95, kl_estimator="k3",
                                  epochs=args.epochs, minibatches=args.minibatches, entropy_coef=0.0),
                    donate_argnums=0)
@@ -151,7 +153,7 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
     t2 = time.perf_counter()
     batch = select({"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
                     "old_logprobs": out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"],
-                    "old_values": sc["old_values"], "scores": sc["scores"]})
+                    "old_values": sc["old_values"], "scores": sc["rm_scores"]})
     state, metrics = update(state, batch)
     metrics = jax.device_get(metrics)  # the pipeline logs them every iteration
     t3, c3 = time.perf_counter(), time.process_time()

@@ -70,6 +70,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.task.num_eval = 500
   config.task.synthetic_tasks = ("reverse",)  # synthetic: the string transforms (rlhf_jax/data/synthetic.py)
   config.task.synthetic_max_len = 8           # synthetic: longest word
+  # mixture (task.name = "mixture"): members, each "synthetic[:t1+t2]" | "instructions" | "minicode[:levels]",
+  # drawn with these weights (one per member); records are tagged task_id / task_name (rlhf_jax/tasks/mixture.py).
+  config.task.mixture_tasks = ("synthetic:reverse", "synthetic:sort", "synthetic:double")
+  config.task.mixture_weights = (1.0, 1.0, 1.0)
 
   # --- sampling ---------------------------------------------------------------
   config.sampling = ml_collections.ConfigDict()
@@ -90,6 +94,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.sft.batch_size = 32
   config.sft.eval_every = 100
   config.sft.eval_batches = 4
+  config.sft.max_consecutive_skips = 10   # non-finite (skipped) updates in a row before the run stops
   config.sft.optimizer = optimizer_config(**config.optimizer.to_dict())
 
   # Reward model: pairs from the SFT policy's samples, labelled by the task's grader.
@@ -118,6 +123,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ppo.eval_samples = 4             # T = sampling.temperature samples per held-out prompt (pass@k up to this)
   config.ppo.checkpoint_every = 5         # iterations between resumable checkpoints of the whole RL state
   config.ppo.r2_bins = 10
+  config.ppo.max_consecutive_skips = 3    # iterations whose updates were all non-finite before the run stops
   # Reward the policy is trained on. "rm": the learned reward model (the method). "task": the task's exact
   # grader, plus optional noise of std `reward_noise` ("constant" everywhere, or "midrange": scaled by
   # 1 − |2s − 1|, largest at mid-range scores s, the premise of PF-PPO; ALGORITHMS.md §4.10) — a controlled
@@ -132,6 +138,143 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ppo.pow_k = 2.0                           # pow_k exponent
   config.ppo.actor_optimizer = optimizer_config(learning_rate=1e-5, schedule="constant", grad_clip=1.0)
   config.ppo.critic_optimizer = optimizer_config(learning_rate=1e-4, schedule="constant", grad_clip=1.0)
+
+  # Best-of-N inference (bon stage, ALGORITHMS §5): max(ns) + 1 samples per held-out prompt from a policy, once;
+  # best-of-N is the best of the first N (ties: first index), the last sample is the single reference sample.
+  config.bon = ml_collections.ConfigDict()
+  config.bon.ns = (1, 2, 4, 8, 16)   # the N reported (prefixes of one draw of max(ns) samples)
+  config.bon.num_prompts = 64        # held-out prompts (task.eval_split)
+  config.bon.reward_source = "rm"    # "rm": the learned reward model (rm stage) | "task": the task's grader
+  config.bon.params_dir = ""         # the sampled policy (= π_ref); "" = <workdir>/sft/final
+  config.bon.rollout_batch = 16      # prompts per sampler call
+
+  # Rejection-sampling fine-tuning (rs stage, ALGORITHMS §7): rounds of sample N -> select -> SFT on the selected.
+  config.rs = ml_collections.ConfigDict()
+  config.rs.rounds = 3
+  config.rs.prompts_per_round = 128   # train prompts sampled each round (a fresh slice every round)
+  config.rs.samples_per_prompt = 8    # N
+  config.rs.selection = "best_of_n"   # best_of_n (the best per prompt) | threshold (every sample > rs.threshold)
+  config.rs.threshold = placeholder(float)  # strict cut r > threshold (§7); with best_of_n a floor on the best
+  config.rs.reward_source = "task"    # "rm" | "task" (selection reward; the task's grade is always the true score)
+  config.rs.sft_steps = 50            # SFT steps per round on the selected pairs
+  config.rs.sft_batch_size = 32
+  config.rs.eval_prompts = 64         # fixed held-out prompts evaluated before round 1 and after every round
+  config.rs.eval_samples = 4
+  config.rs.rollout_batch = 32        # prompts per sampler call
+  config.rs.optimizer = optimizer_config(learning_rate=1e-4, schedule="constant", grad_clip=1.0)
+
+  # BOND / J-BOND (bond stage, ALGORITHMS §6): policy and anchor start from SFT; the reference is SFT (frozen).
+  config.bond = ml_collections.ConfigDict()
+  config.bond.iterations = 100
+  config.bond.prompts_per_iteration = 16
+  config.bond.variant = "jbond"       # jbond (2 anchor samples, crude reward −log 16 / 0) | bond (MC quantile)
+  config.bond.anchor_samples = 2      # k anchor samples per prompt (J-BOND: exactly 2)
+  config.bond.n = 2                   # best-of-n target (J-BOND: 2; plain BOND: n <= anchor_samples)
+  config.bond.beta = 0.5              # Jeffreys mix: weight of the backward KL term
+  config.bond.eta = 0.02              # anchor EMA rate (0 = frozen anchor)
+  config.bond.gamma = 0.0             # extra KL(π‖π_anchor) coefficient
+  config.bond.hard_anchor_every = placeholder(int)  # K: hard anchor copy every K steps instead of the EMA
+  config.bond.baseline = "loo"        # loo (leave-one-out mean return of the other prompts) | none
+  config.bond.reward_source = "rm"    # "rm" | "task"
+  config.bond.reference_samples = 4   # M samples of π_ref per prompt each iteration: the policy's reward quantile
+  config.bond.eval_every = 10         # iterations between held-out evaluations
+  config.bond.eval_at_start = True
+  config.bond.eval_prompts = 64
+  config.bond.eval_samples = 4
+  config.bond.checkpoint_every = 10   # iterations between resumable checkpoints of the whole BONDState
+  config.bond.rollout_batch = 16      # prompts per sampler call (evaluations)
+  config.bond.optimizer = optimizer_config(learning_rate=1e-4, schedule="constant", grad_clip=1.0)
+
+  # Advantage Model stage (am.py): on the rm stage's pairs (the `rm` section: sampling, pairs, steps, batch size,
+  # optimizer) it trains an AM and, beside it on the same batches, an RM. AM loss (a reconstruction, §10.2):
+  # BT + mean_coef·(per-prompt E[a]=0) + bound_coef·relu(|a|−bound)² + regulation_coef·(per-task mean/var).
+  config.am = ml_collections.ConfigDict()
+  config.am.mean_coef = 1.0
+  config.am.bound_coef = 1.0
+  config.am.bound = 5.0
+  config.am.regulation_coef = 0.1
+  config.am.stats_momentum = 0.9   # EMA momentum of the running per-task statistics
+  config.am.importance_clip = 5.0  # upper clip of π/π' (the stage's pairs are the target policy's: w = 1)
+  config.am.target_var = 1.0       # per-task score variance the regulation aims at
+  config.am.hist_bins = 20         # bins of the per-task score histograms (am/scores.png)
+
+  # Selective Rehearsal in the ppo/grpo stages (§10.2; needs ppo.reward_source "am"): each iteration the prompts
+  # are clustered (k-means on mean-pooled policy hidden states) and the `per_cluster` expert (SFT "response")
+  # examples of each cluster with the highest AM score get an NLL term of weight `coef` in every minibatch.
+  config.sr = ml_collections.ConfigDict()
+  config.sr.coef = 0.0          # λ_R; 0 = off (the update is then bitwise the plain one)
+  config.sr.clusters = 4        # c, k-means clusters of an iteration's prompts (<= ppo.prompts_per_iteration)
+  config.sr.per_cluster = 1     # expert examples kept per cluster
+  # Forgetting, in the ppo/grpo stages (any reward source): per task, the NLL of the held-out expert (SFT)
+  # responses and the greedy score, at every evaluation. Adds metrics only; training is unchanged.
+  config.sr.expert_eval = False
+
+  # Offline DPO (pipelines/dpo.py): preference pairs, reference log-probs precomputed once per dataset.
+  config.dpo = ml_collections.ConfigDict()
+  config.dpo.pairs_dir = ""       # a pair dataset's version directory; "" = the pairs the autoif stage wrote here
+  config.dpo.reference_dir = ""   # reference policy params; "" = <workdir>/sft/final
+  config.dpo.init_dir = ""        # initial policy params; "" = the reference
+  config.dpo.beta = 0.1           # β of the DPO logit β·h
+  config.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge
+  config.dpo.label_smoothing = 0.0  # ε of cDPO (sigmoid only)
+  config.dpo.steps = 200
+  config.dpo.batch_size = 16      # pairs per step
+  config.dpo.eval_every = 50      # steps between held-out pair evaluations (the dataset's validation split)
+  config.dpo.optimizer = optimizer_config(learning_rate=1e-5, schedule="cosine", warmup_steps=10)
+
+  # Online / iterative DPO (pipelines/online_dpo.py): sample K per prompt, grade, AutoIF pairs, DPO, repeat.
+  config.online_dpo = ml_collections.ConfigDict()
+  config.online_dpo.rounds = 4
+  config.online_dpo.prompts_per_round = 32   # train prompts sampled each round
+  config.online_dpo.samples_per_prompt = 8   # K
+  config.online_dpo.temperature = placeholder(float)  # sampling temperature; None = sampling.temperature (AutoIF 0.8)
+  config.online_dpo.reward_source = "task"   # task (the task's grader) | rm (the rm stage's model, min-max per prompt)
+  config.online_dpo.pos_threshold = 0.5      # positives: accuracy >= this (> with pos_strict); negatives: == 0
+  config.online_dpo.pos_strict = False       # False = the official code's >= 0.5, True = the paper's > 0.5
+  config.online_dpo.max_pos = 2              # positives sampled per prompt
+  config.online_dpo.max_neg = 2              # negatives sampled per prompt (all pos × neg pairs are used)
+  config.online_dpo.steps_per_round = 8      # DPO steps on each round's pairs
+  config.online_dpo.batch_size = 16          # pairs per step (fewer pairs: padded with weight 0)
+  config.online_dpo.reference_dir = ""       # reference policy; "" = <workdir>/sft/final
+  config.online_dpo.init_dir = ""            # initial policy; "" = the reference
+  config.online_dpo.reference_update = "sft"  # sft (fixed reference) | previous (reference = the round's start)
+  config.online_dpo.reference = "precomputed"  # precomputed (once per round) | inline (in the jitted step)
+  config.online_dpo.beta = 0.1
+  config.online_dpo.loss_type = "sigmoid"
+  config.online_dpo.label_smoothing = 0.0
+  config.online_dpo.eval_every = 1           # rounds between held-out evaluations
+  config.online_dpo.eval_at_start = True
+  config.online_dpo.eval_prompts = 32        # fixed held-out prompts of the task's eval split
+  config.online_dpo.eval_samples = 2         # T samples per held-out prompt
+  config.online_dpo.rollout_batch = 16       # prompts per sampler call
+  config.online_dpo.optimizer = optimizer_config(learning_rate=1e-5, schedule="constant")
+
+  # AutoIF data (pipelines/autoif.py): instructions, verifiers, cross-validation, responses -> SFT set and pairs.
+  config.autoif = ml_collections.ConfigDict()
+  config.autoif.supervisor = "scripted"     # scripted | policy | policy_responses (scripted Stage 1, policy answers)
+  config.autoif.policy_dir = ""             # the policy supervisor's params; "" = <workdir>/sft/final
+  config.autoif.temperature = 0.8           # policy supervisor sampling temperature
+  config.autoif.batch_size = 16             # policy supervisor prompts per sampler call
+  config.autoif.train_types = ()            # seed constraint types; () = every standalone catalogue type
+  config.autoif.eval_types = ()             # held-out IFEval types; () = the catalogue types not in train_types
+  config.autoif.num_eval = 64               # IFEval prompts per evaluation split (run_ifeval)
+  config.autoif.eval_max_constraints = 1    # constraints per IFEval prompt
+  config.autoif.augment_completions = 4     # self-instruct completions (5 instructions each; 0 = seeds only)
+  config.autoif.verifiers_per_instruction = 8  # K candidate functions (+ cases) per instruction
+  config.autoif.cross_validation = "paper"  # paper (> 0.5) | code (>= 3 functions, >= 10 cases, 0.8) | none
+  config.autoif.back_translation = True     # back-translation + rule-based NLI judge
+  config.autoif.queries_per_instruction = 16
+  config.autoif.query_chars = (20, 300)     # queries kept when min < len < max (the official code)
+  config.autoif.responses_per_prompt = 8
+  config.autoif.response_threshold = 0.5    # SFT responses need accuracy > this
+  config.autoif.quality_filter = True       # the supervisor's 0-10 quality score must be >= min_quality_score
+  config.autoif.min_quality_score = 8.0
+  config.autoif.pair_strict = False         # query-level positives: >= 0.5 (code) or > 0.5 (paper)
+  config.autoif.eval_fraction = 0.1         # share of prompts written to the validation splits
+  config.autoif.timeout_s = 5.0             # sandbox limit of one verification program
+  config.autoif.max_workers = placeholder(int)  # concurrent sandboxes; None = CPU count
+  # Scripted supervisor's wrong-function kinds ("hangs" costs a full timeout per program: left out by default).
+  config.autoif.scripted_wrong_kinds = ("off_by_one", "always_true", "inverted", "raises", "syntax_error")
 
   # Evaluation stage (eval.py): a policy checkpoint on a task.
   config.eval = ml_collections.ConfigDict()

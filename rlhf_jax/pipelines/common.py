@@ -54,6 +54,14 @@ STAGE_SECTIONS = {
     "sft": _BASE_SECTIONS + ("sft",),
     "rm": _BASE_SECTIONS + ("sft", "rm", "sampling"),
     "ppo": _BASE_SECTIONS + ("sft", "rm", "sampling", "algo", "ppo"),
+    "autoif": _BASE_SECTIONS + ("autoif",),
+    "dpo": _BASE_SECTIONS + ("sft", "autoif", "dpo"),
+    "online_dpo": _BASE_SECTIONS + ("sft", "rm", "autoif", "sampling", "online_dpo"),
+    "bon": _BASE_SECTIONS + ("sft", "rm", "sampling", "bon"),
+    "rs": _BASE_SECTIONS + ("sft", "rm", "sampling", "rs"),
+    "bond": _BASE_SECTIONS + ("sft", "rm", "sampling", "bond"),
+    "am": _BASE_SECTIONS + ("sft", "rm", "sampling", "am"),
+    "ppo_am": _BASE_SECTIONS + ("sft", "rm", "sampling", "am", "algo", "ppo", "sr"),
 }
 
 

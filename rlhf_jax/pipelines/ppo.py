@@ -36,10 +36,12 @@ import numpy as np
 from rlhf_jax import losses, models, rollout
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpointing import Checkpointer, abstract_like
-from rlhf_jax.pipelines import analysis, common, rm as rm_stage
+from rlhf_jax.pipelines import am as am_stage, analysis, common, rm as rm_stage
 from rlhf_jax.steps import PPOState, critic_from_reward_model, make_ppo_step, make_prepare_fn, \
     make_ppo_score_fn
 from rlhf_jax.utils import MetricsWriter, Progress, Timers, plot_bars, plot_metrics
+from rlhf_jax.utils.divergence import NonFiniteGuard
+from rlhf_jax.utils.preemption import PreemptionGuard
 
 
 def final_params_dir(workdir: str, stage: str = "ppo") -> str:
@@ -72,7 +74,7 @@ def run_ppo(config, workdir: str) -> dict[str, Any]:
 
 def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   out_dir = common.stage_dir(workdir, stage)
-  common.check_provenance(out_dir, config, "ppo")
+  common.check_provenance(out_dir, config, "ppo_am" if config.ppo.reward_source == "am" else "ppo")
   pc, ac = config.ppo, config.algo
   if common.has_params(final_params_dir(workdir, stage)):
     print(f"[{stage}] reusing the finished stage in {final_params_dir(workdir, stage)}")
@@ -80,7 +82,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
     with open(os.path.join(out_dir, "summary.json")) as f:
       return {"reused": True, **json.load(f)}
   p_count, n, advantage = pc.prompts_per_iteration, pc.samples_per_prompt, ac.advantage
-  use_rm = pc.reward_source == "rm"
+  use_rm = pc.reward_source in ("rm", "am")  # "am": the advantage model (am stage) is scored like the RM
   temperature = config.sampling.temperature
   plen, rlen = config.task.max_prompt_len, config.task.max_response_len
 
@@ -90,15 +92,20 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   task = common.make_task(config, workdir)
   cfg, sft_params = rm_stage.load_sft_policy(config, workdir, mesh)
   rm_params, reward_mean, reward_std = None, 0.0, 1.0
+  reward_stage = am_stage if pc.reward_source == "am" else rm_stage
   if use_rm or advantage == "gae":
-    if common.has_params(rm_stage.final_params_dir(workdir)):
-      rm_params, rm_meta = rm_stage.load_reward_model(config, workdir, mesh)
+    if common.has_params(reward_stage.final_params_dir(workdir)):
+      load = am_stage.load_advantage_model if reward_stage is am_stage else rm_stage.load_reward_model
+      rm_params, rm_meta = load(config, workdir, mesh)
       reward_mean, reward_std = float(rm_meta["reward_mean"]), float(rm_meta["reward_std"])
     elif use_rm:
-      raise FileNotFoundError(f"ppo.reward_source='rm' needs a trained reward model in "
-                              f"{rm_stage.final_params_dir(workdir)}: run the rm stage first")
+      raise FileNotFoundError(f"ppo.reward_source={pc.reward_source!r} needs a trained model in "
+                              f"{reward_stage.final_params_dir(workdir)}: run the {pc.reward_source} stage first")
   train = rollout.load_fitted(task, tok, "train", max_prompt_len=plen, stage=stage)
   held_out = rollout.load_fitted(task, tok, task.eval_split, max_prompt_len=plen, stage=stage)[:pc.eval_prompts]
+  # Per-task metrics, forgetting (sr.expert_eval) and Selective Rehearsal (sr.coef): pipelines/am.py.
+  extras = am_stage.RLExtras(config, task, tok, cfg, mesh, held_out=held_out,
+                             am_params=rm_params if pc.reward_source == "am" else None)
   # Each host samples and grades its own slice of every iteration's prompts.
   pi, pcount = jax.process_index(), jax.process_count()
   order = np.random.default_rng(config.seed + 2).permutation(len(train))
@@ -149,15 +156,17 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
                                  value_clip_eps=ac.value_clip_eps, gamma=ac.gamma, lam=ac.lam,
                                  kl_estimator=ac.kl_estimator, kl_target=ac.kl_target, kl_horizon=ac.kl_horizon,
                                  epochs=ac.epochs, minibatches=ac.minibatches, loss_agg=ac.loss_agg,
-                                 reward_clip=ac.reward_clip, entropy_coef=pc.entropy_coef),
+                                 reward_clip=ac.reward_clip, entropy_coef=pc.entropy_coef,
+                                 rehearsal_coef=extras.coef),
                    in_shardings=(state_sh, None), out_shardings=(state_sh, rep), donate_argnums=0)
 
   def evaluate(params) -> dict[str, float]:
     if not held_out:
       return {}
-    return rollout.evaluate_policy(task, eval_sampler, greedy, params, tok, held_out, batch_size=pc.rollout_batch,
-                                   max_prompt_len=plen, rng=jax.random.PRNGKey(config.seed + 11), mesh=mesh,
-                                   ks=sorted({1, pc.eval_samples}))
+    out = rollout.evaluate_policy(task, eval_sampler, greedy, params, tok, held_out, batch_size=pc.rollout_batch,
+                                  max_prompt_len=plen, rng=jax.random.PRNGKey(config.seed + 11), mesh=mesh,
+                                  ks=sorted({1, pc.eval_samples}))
+    return {**out, **extras.expert_metrics(params)}
 
   # --- loop ------------------------------------------------------------------------------
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)
@@ -176,56 +185,71 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
         f"{initial.get('eval/success_rate', float('nan')):.3f}, greedy {initial.get('eval/greedy_success', float('nan')):.3f}")
   progress = Progress(pc.iterations, desc=f"{stage}[{advantage},{ac.strategy}]", initial=start_it,
                       quiet=not config.logging.progress)
+  nonfinite = NonFiniteGuard(pc.max_consecutive_skips, stage=stage,
+                             kept=f"the checkpoints in {ckpt.directory} hold the last finite state")
   r2_first, metrics, last_eval = None, {}, {}
   local = slice(pi * p_count // pcount, (pi + 1) * p_count // pcount)
-  for it in range(start_it + 1, pc.iterations + 1):
-    records = [train[int(order[((it - 1) * p_count + j) % len(order)])] for j in range(p_count)][local]
-    key = common.fold(rng, it)
-    with timers("rollout"):
-      ro = rollout.sample(sampler, state.actor.params, tok, records, max_prompt_len=plen,
-                          rng=jax.random.fold_in(key, 0), mesh=mesh)
-    with timers("score"):
-      sc = score(sft_params, state.critic.params if state.critic is not None else None, rm_params, ro.out.tokens,
-                 ro.out.mask)
-      jax.block_until_ready(sc)
-    with timers("grade"):
-      truth = rollout.grade(task, ro.records, ro.texts, n=n)  # host-local [P_local · N]
-    if use_rm:
-      train_scores = sc["rm_scores"]
-      rewards_host = rollout.local_rows(sc["rm_rewards"])
-    else:
-      rewards_host = noisy_reward(truth, std=pc.reward_noise, shape=pc.reward_noise_shape,
-                                  rng=np.random.default_rng([config.seed, it]))
-      train_scores = rollout.shard_rows(rewards_host, mesh)
-    with timers("update"):
-      batch = {"tokens": ro.out.tokens, "mask": ro.out.mask, "completion_mask": ro.out.completion_mask,
-               "old_logprobs": ro.out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"]}
-      if "old_values" in sc:
-        batch["old_values"] = sc["old_values"]
-      batch, weights_PxN = prepare(batch, train_scores.reshape(p_count, n), jax.random.fold_in(key, 1))
-      state, metrics = update(state, batch)
-      metrics = common.to_host(metrics)
-    # host-side diagnostics: the trained-on reward against the task's grade, on all and on kept samples
-    rewards = rewards_host.reshape(-1, n)
-    truth_PxN = truth.reshape(-1, n)
-    weights = rollout.local_rows(weights_PxN)
-    if use_rm or pc.reward_noise:
-      metrics.update(analysis.r2_diagnostics(rewards, truth_PxN, weights, bins=pc.r2_bins))
-      if r2_first is None:
-        r2_first = analysis.r2_table(rewards, truth_PxN, bins=pc.r2_bins, key=jax.random.fold_in(key, 1))
-    ok = (truth_PxN >= 1 - 1e-6).astype(np.float32)
-    metrics.update({"true/score": float(truth_PxN.mean()), "true/success_rate": float(ok.mean()),
-                    "true/score_kept": float((truth_PxN * weights).sum() / max(weights.sum(), 1e-8)),
-                    "true/groups_with_contrast": float(np.mean(truth_PxN.max(1) > truth_PxN.min(1)))})
-    metrics.update(timers.summary(reset=True))
-    if it % pc.eval_every == 0 or it == pc.iterations:
-      with timers("eval"):
-        last_eval = evaluate(state.actor.params)
-      metrics.update(last_eval)
-    writer.write(it, metrics)
-    ckpt.save(it, state, meta={"iteration": it})
-    progress.update(it, reward=metrics["reward/score"], score=metrics["true/score"], kl=metrics["kl/ref"],
-                    **({"heldout": last_eval["eval/success_rate"]} if "eval/success_rate" in last_eval else {}))
+  # SIGTERM (preemption): checkpoint at the next iteration boundary, then exit 75; rerunning resumes
+  with PreemptionGuard() as preemption:
+    for it in range(start_it + 1, pc.iterations + 1):
+      records = [train[int(order[((it - 1) * p_count + j) % len(order)])] for j in range(p_count)][local]
+      key = common.fold(rng, it)
+      with timers("rollout"):
+        ro = rollout.sample(sampler, state.actor.params, tok, records, max_prompt_len=plen,
+                            rng=jax.random.fold_in(key, 0), mesh=mesh)
+      with timers("score"):
+        sc = score(sft_params, state.critic.params if state.critic is not None else None, rm_params, ro.out.tokens,
+                   ro.out.mask)
+        jax.block_until_ready(sc)
+      with timers("grade"):
+        truth = rollout.grade(task, ro.records, ro.texts, n=n)  # host-local [P_local · N]
+      if use_rm:
+        train_scores = sc["rm_scores"]
+        rewards_host = rollout.local_rows(sc["rm_rewards"])
+      else:
+        rewards_host = noisy_reward(truth, std=pc.reward_noise, shape=pc.reward_noise_shape,
+                                    rng=np.random.default_rng([config.seed, it]))
+        train_scores = rollout.shard_rows(rewards_host, mesh)
+      with timers("update"):
+        batch = {"tokens": ro.out.tokens, "mask": ro.out.mask, "completion_mask": ro.out.completion_mask,
+                 "old_logprobs": ro.out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"]}
+        if "old_values" in sc:
+          batch["old_values"] = sc["old_values"]
+        batch, weights_PxN = prepare(batch, train_scores.reshape(p_count, n), jax.random.fold_in(key, 1))
+        rehearsal, sr_metrics = extras.rehearsal(state.actor.params, records, jax.random.fold_in(key, 2))
+        if rehearsal is not None:  # after `prepare`: the rehearsal rows are not the rollout's (never filtered)
+          batch = {**batch, "rehearsal": rehearsal}
+        state, metrics = update(state, batch)
+        metrics = common.to_host(metrics)
+      # host-side diagnostics: the trained-on reward against the task's grade, on all and on kept samples
+      rewards = rewards_host.reshape(-1, n)
+      truth_PxN = truth.reshape(-1, n)
+      weights = rollout.local_rows(weights_PxN)
+      if use_rm or pc.reward_noise:
+        metrics.update(analysis.r2_diagnostics(rewards, truth_PxN, weights, bins=pc.r2_bins))
+        if r2_first is None:
+          r2_first = analysis.r2_table(rewards, truth_PxN, bins=pc.r2_bins, key=jax.random.fold_in(key, 1))
+      ok = (truth_PxN >= 1 - 1e-6).astype(np.float32)
+      metrics.update({"true/score": float(truth_PxN.mean()), "true/success_rate": float(ok.mean()),
+                      "true/score_kept": float((truth_PxN * weights).sum() / max(weights.sum(), 1e-8)),
+                      "true/groups_with_contrast": float(np.mean(truth_PxN.max(1) > truth_PxN.min(1)))})
+      trained_on = rollout.local_rows(train_scores).reshape(-1, n)
+      metrics.update({**sr_metrics, **extras.iteration_metrics(ro.records, trained_on, truth_PxN)})
+      metrics.update(timers.summary(reset=True))
+      if it % pc.eval_every == 0 or it == pc.iterations:
+        with timers("eval"):
+          last_eval = evaluate(state.actor.params)
+        metrics.update(last_eval)
+      writer.write(it, metrics)
+      # an iteration whose policy updates were all non-finite counts as skipped
+      nonfinite.update(float(metrics["policy/skipped"] >= 1.0), step=it)
+      ckpt.save(it, state, meta={"iteration": it})
+      if preemption.should_stop(it) and it < pc.iterations:
+        ckpt.save(it, state, meta={"iteration": it}, force=True)
+        ckpt.wait()
+        preemption.exit(stage=stage, step=it, checkpoint=os.path.join(ckpt.directory, str(it)))
+      progress.update(it, reward=metrics["reward/score"], score=metrics["true/score"], kl=metrics["kl/ref"],
+                      **({"heldout": last_eval["eval/success_rate"]} if "eval/success_rate" in last_eval else {}))
   progress.close()
   ckpt.wait()
   ckpt.close()
@@ -241,6 +265,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
                 "KL to reference (nats)": ["kl/ref", "kl/ref_k3"], "entropy (nats/token)": ["policy/entropy"],
                 "response length (tokens)": ["response/length"], "R² (kept samples)": ["filter/r2", "filter/r2_binned"]},
                os.path.join(out_dir, f"{stage}.png"), title=f"{stage} on {task.name} ({advantage}, {ac.strategy})")
+  extras.plot(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, f"{stage}_tasks.png"),
+              title=f"{stage} on {task.name} (reward {pc.reward_source}, rehearsal λ={extras.coef:g})")
   if r2_first:
     plot_bars({k: v["r2_binned"] for k, v in r2_first.items()}, os.path.join(out_dir, "r2.png"),
               title="binned R² of reward vs grade, per strategy (first rollout)", ylabel="R²")
@@ -253,6 +279,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
       "initial_greedy": initial.get("eval/greedy_success"), "final_greedy": final.get("eval/greedy_success"),
       "initial_score": initial.get("eval/score"), "final_score": final.get("eval/score"),
       "final_kl": metrics.get("kl/ref"), "final_kl_k3": metrics.get("kl/ref_k3"), "r2_first_rollout": r2_first,
+      "rehearsal_coef": extras.coef, **extras.summary(initial, final),
   }
   common.write_json(os.path.join(out_dir, "summary.json"), summary)
   fmt = lambda v: "n/a" if v is None else f"{v:.3f}"

