@@ -293,6 +293,9 @@ def _max_seq_len(config) -> int | None:
   max_len = _get(config, "model.max_seq_len", None)
   if max_len is not None:
     return max_len
+  hf_config = _hf_config(config, "model.hf_path")
+  if hf_config is not None:
+    return hf_config.get("max_position_embeddings")
   preset = _get(config, "model.preset", None)
   from rlhf_jax.models.config import PRESETS  # pylint: disable=import-outside-toplevel
   return PRESETS[preset].max_seq_len if preset in PRESETS else None
@@ -670,11 +673,66 @@ def check_dpo(config, device_count: int | None) -> None:
                         "and cannot be a seed instruction")
 
 
+_SHAPE_FIELDS = ("max_seq_len", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
+
+
+def _hf_config(config, path: str) -> dict | None:
+  """config.json of the checkpoint directory named by the field `path` (None when unset); ConfigError if unusable."""
+  import os  # pylint: disable=import-outside-toplevel
+  directory = _get(config, path, None)
+  if directory in (None, _MISSING, ""):
+    return None
+  file = os.path.join(directory, "config.json")
+  if not os.path.isdir(directory):
+    raise ConfigError(f"config.{path}", f"{directory!r} is not a directory")
+  if not os.path.isfile(file):
+    raise ConfigError(f"config.{path}", f"{directory!r} has no config.json (a Hugging Face checkpoint directory)")
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"config.{path}", f"cannot read {file}: {e}") from None
+
+
+def check_hf(config, device_count: int | None) -> None:
+  """Hugging Face checkpoints (model.hf_path, rm.hf_path), chat template and LoRA settings."""
+  del device_count
+  import os  # pylint: disable=import-outside-toplevel
+  _require(config, "model.lora_rank", lambda v: v >= 0, "must be >= 0 (0 = no LoRA)")
+  _require(config, "model.lora_alpha", lambda v: v > 0, "must be > 0")
+  policy = _hf_config(config, "model.hf_path")
+  if policy is not None:
+    arch = (policy.get("architectures") or [""])[0]
+    if not arch.endswith("ForCausalLM"):
+      raise ConfigError("config.model.hf_path", f"needs a *ForCausalLM checkpoint, got architecture {arch!r}")
+    if not os.path.isfile(os.path.join(_get(config, "model.hf_path"), "tokenizer.json")):
+      raise ConfigError("config.model.hf_path", "the checkpoint has no tokenizer.json (its tokenizer is used)")
+    for key in _SHAPE_FIELDS:
+      if _get(config, f"model.{key}", None) not in (None, _MISSING):
+        raise ConfigError(f"config.model.{key}", "must stay unset with model.hf_path: the checkpoint's config.json "
+                          "fixes the model's shape (model.preset is ignored too)")
+  elif _get(config, "model.chat_template", False) is True:
+    raise ConfigError("config.model.chat_template", "needs model.hf_path (the byte tokenizer has no chat template)")
+  reward = _hf_config(config, "rm.hf_path")
+  if reward is None:
+    return
+  arch = (reward.get("architectures") or [""])[0]
+  if not arch.endswith("ForSequenceClassification"):
+    raise ConfigError("config.rm.hf_path", f"needs a *ForSequenceClassification checkpoint, got {arch!r}")
+  if "rm" in tuple(_get(config, "stages", ()) or ()):
+    raise ConfigError("config.rm.hf_path", "an external reward model replaces the rm stage: remove 'rm' from "
+                      "config.stages (or unset rm.hf_path)")
+  if policy is not None and reward.get("vocab_size") != policy.get("vocab_size"):
+    raise ConfigError("config.rm.hf_path", f"vocab_size {reward.get('vocab_size')} differs from the policy's "
+                      f"{policy.get('vocab_size')}: the reward model scores the policy's tokens, so it needs the "
+                      "same tokenizer")
+
+
 Check = Callable[[ml_collections.ConfigDict, "int | None"], None]
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_stages, check_finite, check_mesh, check_batch_sizes, check_sampling, check_model,
     check_lengths, check_loop, check_optimizers, check_algo, check_task, check_rm, check_ppo, check_eval,
-    check_bon, check_rs, check_bond, check_am, check_dpo,
+    check_bon, check_rs, check_bond, check_am, check_dpo, check_hf,
 )
 
 

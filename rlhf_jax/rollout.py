@@ -26,15 +26,15 @@ from rlhf_jax import sharding as shd
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.sampling import SampleOutput, Sampler, SamplingParams, get_sampler
 from rlhf_jax.tasks.base import success
-from rlhf_jax.tokenizer import Tokenizer, encode_pairs, encode_prompts
+from rlhf_jax.tokenizer import Tokenizer, encode_pairs, encode_prompts, format_prompt
 
 Record = Mapping[str, Any]
 
 
 # --- records --------------------------------------------------------------------------
 def prompt_length(tok: Tokenizer, record: Record) -> int:
-  """Tokens a record's prompt takes in the buffer (BOS + prompt)."""
-  return (tok.bos_id is not None) + len(tok.encode(record["prompt"]))
+  """Tokens a record's prompt takes in the buffer (BOS + prompt, in the chat template if the tokenizer uses one)."""
+  return (tok.bos_id is not None) + len(tok.encode(format_prompt(tok, record["prompt"])))
 
 
 def fit_records(tok: Tokenizer, records: Sequence[Record], max_prompt_len: int,
@@ -78,10 +78,39 @@ def make_sampler(cfg: ModelConfig, tok: Tokenizer, *, max_new_tokens: int, tempe
   return get_sampler(cfg, sp, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=mesh)
 
 
+def host_rows(n: int, mesh=None) -> slice:
+  """The rows of a global batch of `n` rows that this process feeds and holds (its devices' shards).
+
+  What `sharding.shard_batch` expects from this process: each host passes
+  `rows[host_rows(n, mesh)]` of the global batch. All rows on one process or
+  without a mesh.
+  """
+  if mesh is None or jax.process_count() == 1:
+    return slice(0, n)
+  index = shd.batch_sharding(mesh, 1).addressable_devices_indices_map((n,))
+  ranges = sorted({(i[0].start or 0, n if i[0].stop is None else i[0].stop) for i in index.values()})
+  if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+    raise ValueError(f"this process's rows of the batch are not contiguous on mesh {dict(mesh.shape)}: {ranges}")
+  return slice(ranges[0][0], ranges[-1][1])
+
+
+def all_rows(x: Any) -> np.ndarray:
+  """Every row of a global array, on every process (multi-host: a small all-gather; else a device_get)."""
+  if jax.process_count() == 1 or not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded array, in global row order (all rows on one process)."""
+  """This process's rows of a batch-sharded array, in global row order (all rows on one process).
+
+  A replicated array gives the rows this process would hold were it batch-sharded (`host_rows`).
+  """
   if jax.process_count() == 1 or not hasattr(x, "addressable_shards"):
     return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated and hasattr(x.sharding, "mesh"):
+    return np.asarray(x.addressable_data(0))[host_rows(x.shape[0], x.sharding.mesh)]
   pieces = {}
   for s in x.addressable_shards:
     start = s.index[0].start or 0
@@ -122,16 +151,27 @@ def sample(sampler: Sampler, params: Any, tok: Tokenizer, records: Sequence[Reco
 
 def generate_texts(sampler: Sampler, params: Any, tok: Tokenizer, records: Sequence[Record], *, batch_size: int,
                    max_prompt_len: int, rng: jax.Array, mesh=None) -> list[str]:
-  """Completions (N per record, record-major) for any number of records, in fixed-size batches."""
+  """Completions (N per record, record-major) for any number of records, in fixed-size batches.
+
+  Multi-host: every process passes the same `records`; each feeds its rows of
+  every batch (`host_rows`) and gets all completions back (an all-gather of the
+  completion tokens), so the result is that of one process on the same mesh.
+  """
   texts: list[str] = []
   n = sampler.sampling.num_samples
+  rows = host_rows(batch_size, mesh)
   for i in range(0, len(records), batch_size):
     chunk = list(records[i:i + batch_size])
     real = len(chunk)
     chunk += [chunk[-1]] * (batch_size - real)
-    ro = sample(sampler, params, tok, chunk, max_prompt_len=max_prompt_len, rng=jax.random.fold_in(rng, i),
+    ro = sample(sampler, params, tok, chunk[rows], max_prompt_len=max_prompt_len, rng=jax.random.fold_in(rng, i),
                 mesh=mesh)
-    texts.extend(ro.texts[:real * n])
+    if jax.process_count() == 1:
+      batch_texts = ro.texts
+    else:
+      toks, mask = all_rows(ro.out.completion_tokens), all_rows(ro.out.completion_mask)
+      batch_texts = [tok.decode(t[m > 0]) for t, m in zip(toks, mask)]
+    texts.extend(batch_texts[:real * n])
   return texts
 
 
@@ -181,20 +221,24 @@ def evaluate_policy(task, sampler: Sampler, greedy: Optional[Sampler], params: A
 # --- scoring texts --------------------------------------------------------------------
 def score_texts(score_fn: Callable, params: Any, tok: Tokenizer, prompts: Sequence[str], texts: Sequence[str], *,
                 batch_size: int, max_prompt_len: int, max_response_len: int, mesh=None) -> np.ndarray:
-  """`score_fn(params, tokens, mask) -> [B]` (e.g. a jitted RM) over (prompt, text) pairs, fixed-size batches."""
+  """`score_fn(params, tokens, mask) -> [B]` (e.g. a jitted RM) over (prompt, text) pairs, fixed-size batches.
+
+  Multi-host: every process passes all pairs, feeds its rows of each batch and gets all scores back.
+  """
   if len(prompts) != len(texts):
     raise ValueError(f"{len(prompts)} prompts but {len(texts)} texts")
   out = []
+  rows = host_rows(batch_size, mesh)
   for i in range(0, len(texts), batch_size):
     p, t = list(prompts[i:i + batch_size]), list(texts[i:i + batch_size])
     real = len(t)
     p += [p[-1]] * (batch_size - real)
     t += [t[-1]] * (batch_size - real)
-    enc = encode_pairs(tok, p, t, max_prompt_len, max_response_len)
+    enc = encode_pairs(tok, p[rows], t[rows], max_prompt_len, max_response_len)
     batch = (enc["tokens"], enc["mask"])
     if mesh is not None:
       batch = shd.shard_batch(batch, mesh)
-    out.append(local_rows(score_fn(params, *batch))[:real])
+    out.append(all_rows(score_fn(params, *batch))[:real])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 

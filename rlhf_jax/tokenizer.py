@@ -57,7 +57,8 @@ class HFTokenizer:
   """
 
   def __init__(self, path: str, *, bos: str | None = "<|begin_of_text|>", eos: str = "<|end_of_text|>",
-               pad: str | None = None, chat_template: str | None = None, extra_tokens: dict | None = None):
+               pad: str | None = None, chat_template: str | None = None, extra_tokens: dict | None = None,
+               chat_prompts: bool = False):
     try:
       import tokenizers  # pylint: disable=import-outside-toplevel
     except ImportError as e:  # pragma: no cover - optional dependency
@@ -75,17 +76,22 @@ class HFTokenizer:
     if self.pad_id is None:
       raise ValueError(f"{path}: PAD {pad!r} is not in the vocabulary")
     self.chat_template = chat_template
+    if chat_prompts and not chat_template:
+      raise ValueError(f"{path}: chat_prompts=True but the tokenizer has no chat template")
+    # Every prompt encoded with this tokenizer is first put in the chat template (`format_prompt`).
+    self.chat_prompts = bool(chat_prompts)
     self._extra_tokens = dict(extra_tokens or {})
     self._compiled_template = None
 
   @classmethod
-  def from_pretrained_dir(cls, path: str) -> "HFTokenizer":
+  def from_pretrained_dir(cls, path: str, *, chat_prompts: bool = False) -> "HFTokenizer":
     """The tokenizer of a local Hugging Face checkpoint directory.
 
     Reads tokenizer.json, and from tokenizer_config.json (and
     special_tokens_map.json) the bos/eos/pad tokens and the chat template
     (also from chat_template.jinja / chat_template.json, where transformers
-    >= 4.43 writes it).
+    >= 4.43 writes it). With `chat_prompts`, prompts are encoded in the chat
+    template (see `format_prompt`).
     """
     import json  # pylint: disable=import-outside-toplevel
     file = os.path.join(path, "tokenizer.json")
@@ -114,7 +120,7 @@ class HFTokenizer:
       raise ValueError(f"{path}: tokenizer_config.json names no eos_token")
     extra = {k: token(v) for k, v in conf.items() if k.endswith("_token") and isinstance(token(v), str)}
     return cls(file, bos=token(conf.get("bos_token")), eos=eos, pad=token(conf.get("pad_token")),
-               chat_template=template, extra_tokens=extra)
+               chat_template=template, extra_tokens=extra, chat_prompts=chat_prompts)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
@@ -180,20 +186,26 @@ def chat_prompt(tok: Tokenizer, prompt: str, *, system: str | None = None) -> st
   return tok.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def format_prompt(tok: Tokenizer, prompt: str) -> str:
+  """A record's prompt as the model sees it: one user turn in the chat template when the tokenizer was made with
+  `chat_prompts=True`, else unchanged. `encode_prompts` (and so `encode_pairs`) applies it: the one place."""
+  return chat_prompt(tok, prompt) if getattr(tok, "chat_prompts", False) else prompt
+
+
 def load_tokenizer(path: str | None = None) -> Tokenizer:
   """The byte tokenizer, or the tokenizer file at `path`."""
   return ByteTokenizer() if not path else HFTokenizer(path)
 
 
 def encode_prompts(tok: Tokenizer, prompts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """BOS (if the tokenizer has one) + prompt, left-padded to `max_len`; an over-long prompt is an error.
+  """BOS (if the tokenizer has one) + prompt (`format_prompt`), left-padded to `max_len`; too long is an error.
 
   Returns tokens [B, max_len] int32 and mask [B, max_len] int32.
   """
   tokens = np.full((len(prompts), max_len), tok.pad_id, np.int32)
   mask = np.zeros((len(prompts), max_len), np.int32)
   for i, p in enumerate(prompts):
-    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p)
+    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(format_prompt(tok, p))
     if len(ids) > max_len:
       raise ValueError(f"prompt {i} takes {len(ids)} tokens, more than max_len={max_len}: prompts are never "
                        "truncated (filter them first, e.g. rlhf_jax.rollout.fit_records)")

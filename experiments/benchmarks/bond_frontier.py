@@ -70,14 +70,14 @@ def _config(kind: str, *, iterations: int, seed: int, beta: float = 0.5, eta: fl
 
 
 def _runs(args) -> list[tuple[str, str, dict]]:
-  runs = []
+  """Best-of-N first, then J-BOND and RLOO runs interleaved (a partial benchmark still compares both)."""
+  runs = [("bon_s0", "bon", {"seed": 0})]
   for seed in args.seeds:
-    for beta in args.betas:
-      for eta in args.etas:
-        runs.append((f"jbond_b{beta:g}_e{eta:g}_s{seed}", "jbond", {"beta": beta, "eta": eta, "seed": seed}))
-    for kl in args.kl_coefs:
-      runs.append((f"rloo_kl{kl:g}_s{seed}", "rloo", {"kl_coef": kl, "seed": seed}))
-  runs.append(("bon_s0", "bon", {"seed": 0}))
+    jb = [(f"jbond_b{b:g}_e{e:g}_s{seed}", "jbond", {"beta": b, "eta": e, "seed": seed})
+          for e in args.etas for b in args.betas]
+    rl = [(f"rloo_kl{kl:g}_s{seed}", "rloo", {"kl_coef": kl, "seed": seed}) for kl in args.kl_coefs]
+    for i in range(max(len(jb), len(rl))):
+      runs += jb[i:i + 1] + rl[i:i + 1]
   return runs
 
 
@@ -127,7 +127,7 @@ def report(args, results: dict) -> str:
   lines = ["| run | iters | reward (last 5) | KL k1 (last 5) | KL k3 (last 5) | held-out grade start → end | "
            "held-out success start → end | greedy start → end | eff. N policy / anchor (last 10) | "
            "BoN-calibrated N policy / anchor | wall s |", "|" + "---|" * 11]
-  curves, neff_curves = [], []
+  curves, neff_curves, agg = [], [], {}
   styles = {"jbond": "-", "rloo": "--"}
   for name, res in results.items():
     kind, s = res["kind"], res.get("summary")
@@ -149,6 +149,9 @@ def report(args, results: dict) -> str:
                  f"{f(s.get('initial_success_rate'))} → {f(s.get('final_success_rate'))} | "
                  f"{f(s.get('initial_greedy'))} → {f(s.get('final_greedy'))} | {neff} | {cal} | "
                  f"{s.get('wall_s', float('nan')):.0f} |")
+    agg.setdefault(name.rsplit("_s", 1)[0], []).append(
+        {"reward": last("true/score"), "kl": last("kl/ref"), "grade": s.get("final_score"),
+         "success": s.get("final_success_rate"), "greedy": s.get("final_greedy")})
     curves.append((name, _smooth(t["kl/ref"]), _smooth(t["true/score"]), styles[kind]))
     if "effective_n/policy" in t:
       its = np.arange(1, len(t["effective_n/policy"]) + 1)
@@ -156,6 +159,15 @@ def report(args, results: dict) -> str:
       neff_curves.append((f"{name} policy", its[-len(sm):], sm, "-"))
       sa = _smooth(2 * t["effective_n/anchor"])
       neff_curves.append((f"{name} 2 × anchor", its[-len(sa):], sa, ":"))
+  if agg:
+    lines += ["", "Per setting, mean ± sd over seeds:", "",
+              "| setting | seeds | reward (last 5) | KL k1 (last 5) | held-out grade end | held-out success end | "
+              "greedy end |", "|---|---|---|---|---|---|---|"]
+    for setting, vals in agg.items():
+      ms = lambda k: (f"{np.mean([v[k] for v in vals]):.3f} ± {np.std([v[k] for v in vals]):.3f}"
+                      if all(v[k] is not None for v in vals) else "n/a")
+      lines.append(f"| {setting} | {len(vals)} | {ms('reward')} | {ms('kl')} | {ms('grade')} | {ms('success')} | "
+                   f"{ms('greedy')} |")
   if bon_table:
     ns = sorted(int(n) for n in bon_table)
     lines += ["", "Best-of-N of the SFT policy (64 held-out prompts, reward = task grade):", "",

@@ -55,6 +55,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.n_heads = placeholder(int)
   config.model.n_kv_heads = placeholder(int)
   config.model.mlp_dim = placeholder(int)
+  # A local Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) to start from instead
+  # of the preset: Llama / Qwen2 / Qwen3 *ForCausalLM. "" = the preset (random init, byte tokenizer). With it
+  # `preset` is ignored, the shape overrides above must stay unset (the checkpoint fixes the shape; validation
+  # refuses them), dtype/param_dtype still apply, and the tokenizer is the checkpoint's.
+  config.model.hf_path = ""
+  config.model.chat_template = False  # prompts as one user turn in the checkpoint's chat template (needs hf_path)
+  config.model.lora_rank = 0          # LoRA adapters of this rank on the attention/MLP projections; 0 = full weights
+  config.model.lora_alpha = 16.0      # LoRA scale: W' = W + (lora_alpha / lora_rank) · A @ B
 
   # --- task / data --------------------------------------------------------------
   config.task = ml_collections.ConfigDict()
@@ -109,6 +117,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.rm.steps = 200
   config.rm.batch_size = 16
   config.rm.margin = placeholder(float)
+  # An external reward model instead of the rm stage's: a local *ForSequenceClassification checkpoint (1 label)
+  # that shares the policy's tokenizer; used by ppo/grpo with reward_source "rm". "" = the rm stage's model.
+  config.rm.hf_path = ""
   config.rm.optimizer = optimizer_config(**config.optimizer.to_dict())
 
   # The RL loop shared by the ppo and grpo stages (algo.advantage picks the estimator):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -16,13 +18,26 @@ from rlhf_jax.checkpointing import Checkpointer, CheckpointError, abstract_like
 from rlhf_jax.config import optimizer_kwargs
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.state import TrainState, create_train_state, make_optimizer
-from rlhf_jax.tokenizer import ByteTokenizer, Tokenizer
+from rlhf_jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 # Fields of the config's `model` section that override the preset's ModelConfig.
 _MODEL_OVERRIDES = ("max_seq_len", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim")
 
 
+def hf_path(config) -> str:
+  """The policy's Hugging Face checkpoint directory (`model.hf_path`), "" when the model is a preset."""
+  return config.model.get("hf_path") or ""
+
+
 def model_config(config) -> ModelConfig:
+  """The policy's ModelConfig: the preset with the config's shape overrides, or with `model.hf_path` the
+  checkpoint's config.json (the only file read) with the config's dtype (compute) and param_dtype (storage)."""
+  if hf_path(config):
+    from rlhf_jax.models import hf  # pylint: disable=import-outside-toplevel
+    path = hf_path(config)
+    cfg = hf.config_from_hf(hf.read_hf_config(path), dtype=config.model.param_dtype,
+                            where=os.path.join(path, "config.json"))
+    return dataclasses.replace(cfg, dtype=config.model.dtype)
   over = {k: config.model.get(k) for k in _MODEL_OVERRIDES if config.model.get(k) is not None}
   return models.get_model_config(config.model.preset, dtype=config.model.dtype,
                                  param_dtype=config.model.param_dtype, **over)
@@ -33,8 +48,124 @@ def make_mesh(config) -> Mesh:
 
 
 def tokenizer(config) -> Tokenizer:
-  del config
-  return ByteTokenizer()
+  """The byte tokenizer, or the checkpoint's (`model.hf_path`), which puts every prompt in its chat template
+  when `model.chat_template` (`tokenizer.format_prompt`, applied by `encode_prompts`)."""
+  if not hf_path(config):
+    return ByteTokenizer()
+  return _hf_tokenizer(hf_path(config), bool(config.model.get("chat_template", False)))
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_tokenizer(path: str, chat_prompts: bool) -> HFTokenizer:
+  try:
+    return HFTokenizer.from_pretrained_dir(path, chat_prompts=chat_prompts)
+  except ValueError as e:
+    raise ValueError(f"config.model.hf_path / chat_template: {e}") from None
+
+
+# --- the policy: checkpoint or random init, LoRA, export ------------------------------------
+def lora_rank(config) -> int:
+  return int(config.model.get("lora_rank", 0) or 0)
+
+
+def init_policy_params(config, rng: jax.Array, mesh: Mesh) -> Any:
+  """The policy's starting parameters, born sharded on `mesh`: the checkpoint's (`model.hf_path`, read leaf by
+  leaf), else a random init of the preset from `rng`."""
+  cfg = model_config(config)
+  if hf_path(config):
+    loaded, params = models.load_pretrained(hf_path(config), head="lm", dtype=config.model.param_dtype, mesh=mesh)
+    assert dataclasses.replace(loaded, dtype=cfg.dtype) == cfg, (loaded, cfg)
+    return params
+  return jax.jit(lambda r: models.init_params(cfg, r), out_shardings=param_shardings(cfg, mesh))(rng)
+
+
+def policy_optimizer(config, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` for full fine-tuning; with LoRA `lora_optimizer(tx)`: adapters only, no state for the base."""
+  return models.lora_optimizer(tx) if lora_rank(config) else tx
+
+
+def policy_apply_fn(config, cfg: ModelConfig) -> Callable:
+  """The LM apply function of trained policy params: plain, or over {"base", "lora"} with LoRA."""
+  apply_fn = models.make_apply_fn(cfg)
+  return models.make_lora_apply_fn(apply_fn, alpha=float(config.model.lora_alpha)) if lora_rank(config) else apply_fn
+
+
+def policy_state(config, cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
+                 params: Any) -> tuple[TrainState, TrainState]:
+  """The TrainState of a policy that starts at `params` (`tx` from `policy_optimizer`).
+
+  Full fine-tuning: the params. LoRA (`model.lora_rank` > 0): `{"base": params, "lora": fresh adapters}` (B = 0,
+  so the model starts equal to `params`); the whole tree is checkpointed (the base is unchanged by every step).
+  """
+  if not lora_rank(config):
+    return create_state(lambda r, p: p, models.logical_axes(cfg), tx, mesh, rng, params)
+  specs = {"base": models.logical_axes(cfg), "lora": models.lora_logical_axes(cfg)}
+  init = lambda r, p: {"base": p, "lora": models.init_lora(cfg, jax.random.fold_in(r, 1), rank=lora_rank(config))}
+  return create_state(init, specs, tx, mesh, rng, params)
+
+
+@functools.partial(jax.jit, static_argnames=("alpha",))
+def _merge_lora(base, lora, *, alpha: float):
+  merged = models.apply_lora(base, lora, alpha=alpha)
+  return jax.tree.map(lambda m, p: m.astype(p.dtype), merged, base)
+
+
+def plain_params(config, params: Any) -> Any:
+  """Policy params as the plain model's (what samplers, later stages and exports take): LoRA merged in."""
+  if lora_rank(config) and isinstance(params, dict) and "lora" in params:
+    return _merge_lora(params["base"], params["lora"], alpha=float(config.model.lora_alpha))
+  return params
+
+
+def reference_of(config, params: Any, reference: Any) -> Any:
+  """The reference policy for `policy_apply_fn`: with LoRA the trained state's base, `{"base": W}` (the same
+  buffers, no copy; take it from the current state, as the state is donated), else `reference`."""
+  return {"base": params["base"]} if lora_rank(config) else reference
+
+
+def export_hf(config, params: Any, out_dir: str, *, head: str = "lm") -> Optional[str]:
+  """`<out_dir>/hf/`: a stage's final params as a Hugging Face checkpoint, with the source checkpoint's tokenizer
+  files; only with `model.hf_path` (returns None otherwise). LoRA params are merged first. A scalar head is
+  written as *ForSequenceClassification without our score bias (HF's score layer has none; preferences and
+  normalised rewards do not depend on it)."""
+  if not hf_path(config):
+    return None
+  path = models.save_pretrained(model_config(config), plain_params(config, params), os.path.join(out_dir, "hf"),
+                                head=head, source_dir=hf_path(config), drop_score_bias=head == "scalar")
+  print(f"[export] Hugging Face checkpoint written to {path}", flush=True)
+  return path
+
+
+def load_external_reward_model(config, policy_cfg: ModelConfig, mesh: Mesh) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, params) of `rm.hf_path`, a *ForSequenceClassification checkpoint, born sharded; it scores the
+  policy's token ids, so it must have the policy's vocabulary."""
+  path = config.rm.hf_path
+  rm_cfg, params = models.load_pretrained(path, head="scalar", dtype=config.model.param_dtype, mesh=mesh)
+  if rm_cfg.vocab_size != policy_cfg.vocab_size:
+    raise ValueError(f"config.rm.hf_path: vocab_size {rm_cfg.vocab_size} differs from the policy's "
+                     f"{policy_cfg.vocab_size}; the reward model must share the policy's tokenizer")
+  return dataclasses.replace(rm_cfg, dtype=config.model.dtype), params
+
+
+def reward_statistics(config, rm_cfg: ModelConfig, rm_params: Any, sampler, policy_params: Any, tok: Tokenizer,
+                      records: list, *, batch_size: int, rng: jax.Array, mesh: Mesh) -> tuple[float, float]:
+  """(mean, std) of a reward model's scores of `sampler`'s samples from `policy_params` for `records`.
+
+  What an external reward model (`rm.hf_path`) is normalised with, as the rm stage's own statistics are (there
+  on its held-out SFT samples): here the SFT policy's samples of the stage's held-out prompts. Deterministic in
+  `rng`, so a resumed run recomputes the same values.
+  """
+  from rlhf_jax import rollout  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.steps import make_score_fn  # pylint: disable=import-outside-toplevel
+  plen, rlen = config.task.max_prompt_len, config.task.max_response_len
+  texts = rollout.generate_texts(sampler, policy_params, tok, records, batch_size=batch_size, max_prompt_len=plen,
+                                 rng=rng, mesh=mesh)
+  n = sampler.sampling.num_samples
+  prompts = [r["prompt"] for r in records for _ in range(n)]
+  score = jax.jit(make_score_fn(models.make_apply_fn(rm_cfg, head="scalar")))
+  scores = rollout.score_texts(score, rm_params, tok, prompts, texts, batch_size=batch_size, max_prompt_len=plen,
+                               max_response_len=rlen, mesh=mesh)
+  return float(np.mean(scores)), float(max(np.std(scores), 1e-6))
 
 
 def data_dir(config, workdir: str) -> str:
@@ -93,6 +224,14 @@ def _commit() -> str:
     return "unknown"
 
 
+def _schema_defaults(stage: str) -> dict:
+  try:
+    from experiments.configs.base import get_base_config  # pylint: disable=import-outside-toplevel
+  except ImportError:  # the library used without the experiments package: compare the fields both runs have
+    return {}
+  return stage_settings(get_base_config(), stage)
+
+
 class SettingsChanged(ValueError):
   """A stage's saved work was made with other settings than this run's (a usage error: exit 2)."""
 
@@ -109,7 +248,10 @@ def check_provenance(out_dir: str, config, stage: str) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f).get("settings", {})
-    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k, "<absent>") != settings.get(k, "<absent>"))
+    # A field added to the schema after the stage ran counts as unchanged while it keeps its default.
+    defaults = _schema_defaults(stage)
+    changed = sorted(k for k in set(saved) | set(settings)
+                     if saved.get(k, defaults.get(k, "<absent>")) != settings.get(k, defaults.get(k, "<absent>")))
     if changed:
       shown = "; ".join(f"{k}: {saved.get(k, '<absent>')!r} -> {settings.get(k, '<absent>')!r}" for k in changed[:8])
       more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
@@ -260,7 +402,9 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Atomic, strictly valid JSON write (tmp + rename; NaN/inf written as null)."""
+  """Atomic, strictly valid JSON write (tmp + rename; NaN/inf written as null); multi-host: process 0 only."""
+  if jax.process_index() != 0:
+    return
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
     json.dump(_json_safe(obj), f, indent=2, sort_keys=True, default=float, allow_nan=False)
@@ -268,8 +412,20 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def to_host(tree: Any) -> Any:
-  """One device_get for a tree of metrics, converted to Python floats."""
-  return jax.tree.map(lambda x: float(np.asarray(x)), jax.device_get(tree))
+  """One device_get for a tree of metrics, converted to Python floats.
+
+  Multi-host: a replicated array is read from this process's copy; a sharded
+  one (not a metric) raises ValueError.
+  """
+  def local(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f"to_host: a metric of shape {x.shape} is sharded across processes; reduce or replicate "
+                         "it in the jitted step (out_shardings=replicated)")
+      return x.addressable_data(0)
+    return x
+
+  return jax.tree.map(lambda x: float(np.asarray(x)), jax.device_get(jax.tree.map(local, tree)))
 
 
 def mean_metrics(items: list[dict]) -> dict:

@@ -85,7 +85,7 @@ def has_split(directory: str, split: str) -> bool:
 
 def fit_pairs(tok, pairs: Sequence[dict], *, max_prompt_len: int, max_response_len: int) -> tuple[list[dict], int]:
   """The pairs whose BOS + prompt and both responses + EOS fit; (kept, skipped)."""
-  plen = lambda p: (tok.bos_id is not None) + len(tok.encode(p))
+  plen = lambda p: rollout.prompt_length(tok, {"prompt": p})  # BOS + prompt, in the chat template if used
   rlen = lambda r: len(tok.encode(r)) + 1
   kept = [p for p in pairs if plen(p["prompt"]) <= max_prompt_len and rlen(p["chosen"]) <= max_response_len
           and rlen(p["rejected"]) <= max_response_len]
@@ -245,6 +245,7 @@ def run_dpo(config, workdir: str) -> dict[str, Any]:
 
   common.save_params(final_params_dir(workdir), state.params,
                      {"step": dc.steps, "stage": "dpo", "loss_type": dc.loss_type, "beta": dc.beta})
+  common.export_hf(config, state.params, out_dir)  # dpo/hf/ with model.hf_path
   plot_metrics(os.path.join(out_dir, "metrics.jsonl"), PLOT_GROUPS, os.path.join(out_dir, "dpo.png"),
                title=f"offline DPO ({dc.loss_type}, β={dc.beta})")
   rows = [r for r in _read(os.path.join(out_dir, "metrics.jsonl")) if "train/loss" in r]

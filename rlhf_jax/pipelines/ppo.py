@@ -91,9 +91,12 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   tok = common.tokenizer(config)
   task = common.make_task(config, workdir)
   cfg, sft_params = rm_stage.load_sft_policy(config, workdir, mesh)
-  rm_params, reward_mean, reward_std = None, 0.0, 1.0
+  rm_params, reward_mean, reward_std, rm_cfg = None, 0.0, 1.0, cfg
   reward_stage = am_stage if pc.reward_source == "am" else rm_stage
-  if use_rm or advantage == "gae":
+  external_rm = bool(config.rm.get("hf_path")) and pc.reward_source == "rm"  # statistics below, once sampled
+  if external_rm:
+    rm_cfg, rm_params = common.load_external_reward_model(config, cfg, mesh)
+  elif use_rm or advantage == "gae":
     if common.has_params(reward_stage.final_params_dir(workdir)):
       load = am_stage.load_advantage_model if reward_stage is am_stage else rm_stage.load_reward_model
       rm_params, rm_meta = load(config, workdir, mesh)
@@ -103,24 +106,36 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
                               f"{reward_stage.final_params_dir(workdir)}: run the {pc.reward_source} stage first")
   train = rollout.load_fitted(task, tok, "train", max_prompt_len=plen, stage=stage)
   held_out = rollout.load_fitted(task, tok, task.eval_split, max_prompt_len=plen, stage=stage)[:pc.eval_prompts]
+  if external_rm:  # normalised by its scores of SFT samples of the held-out prompts (the evaluation sampler's)
+    stats_sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature,
+                                         num_samples=pc.eval_samples, mesh=mesh)
+    reward_mean, reward_std = common.reward_statistics(config, rm_cfg, rm_params, stats_sampler, sft_params, tok,
+                                                       held_out, batch_size=pc.rollout_batch,
+                                                       rng=jax.random.PRNGKey(config.seed + 13), mesh=mesh)
+    print(f"[{stage}] reward model {config.rm.hf_path}: score mean {reward_mean:.4f}, std {reward_std:.4f} on "
+          f"{len(held_out)} x {pc.eval_samples} SFT samples of held-out prompts")
   # Per-task metrics, forgetting (sr.expert_eval) and Selective Rehearsal (sr.coef): pipelines/am.py.
   extras = am_stage.RLExtras(config, task, tok, cfg, mesh, held_out=held_out,
                              am_params=rm_params if pc.reward_source == "am" else None)
   # Each host samples and grades its own slice of every iteration's prompts.
-  pi, pcount = jax.process_index(), jax.process_count()
   order = np.random.default_rng(config.seed + 2).permutation(len(train))
 
   # --- state: actor and reference from SFT; critic from the RM (normalised) or the SFT backbone ----
   updates = pc.iterations * ac.epochs * ac.minibatches
-  actor_tx = common.optimizer(pc, optimizer_section=pc.actor_optimizer, total_steps=updates)
+  # LoRA (model.lora_rank): the actor is {"base", "lora"}, only adapters train; the reference is its base.
+  actor_tx = common.policy_optimizer(config, common.optimizer(pc, optimizer_section=pc.actor_optimizer,
+                                                              total_steps=updates))
   rng = jax.random.PRNGKey(config.seed + 3)
   copy = lambda r, tree: jax.tree.map(jnp.copy, tree)  # the states own their buffers (they are donated)
-  actor, actor_sh = common.create_state(copy, models.logical_axes(cfg), actor_tx, mesh, rng, sft_params)
+  if common.lora_rank(config):
+    actor, actor_sh = common.policy_state(config, cfg, actor_tx, mesh, rng, sft_params)
+  else:
+    actor, actor_sh = common.create_state(copy, models.logical_axes(cfg), actor_tx, mesh, rng, sft_params)
   rep = shd.replicated(mesh)
   critic = critic_sh = critic_tx = scalar_apply = None
   if advantage == "gae":
     critic_tx = common.optimizer(pc, optimizer_section=pc.critic_optimizer, total_steps=updates)
-    if rm_params is not None:
+    if rm_params is not None and not external_rm:  # an external RM's shape may differ: critic from SFT then
       init_critic = lambda r, p: critic_from_reward_model(p, reward_mean=reward_mean, reward_std=reward_std)
       critic, critic_sh = common.create_state(init_critic, models.logical_axes(cfg, head="scalar"), critic_tx,
                                               mesh, rng, rm_params)
@@ -129,6 +144,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
                                               models.logical_axes(cfg, head="scalar"), critic_tx, mesh, rng,
                                               sft_params)
     scalar_apply = models.make_apply_fn(cfg, head="scalar")
+  if common.lora_rank(config):
+    sft_params = None  # the reference is the actor's frozen base (`common.reference_of`): no second copy
   state = PPOState(actor=actor, critic=critic, kl=losses.init_kl_controller(ac.kl_coef))
   state_sh = PPOState(actor=actor_sh, critic=critic_sh, kl=jax.tree.map(lambda _: rep, state.kl))
 
@@ -142,13 +159,13 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   _drop_rows_after(os.path.join(out_dir, "metrics.jsonl"), start_it)
 
   # --- compiled pieces -------------------------------------------------------------------
-  lm_apply = models.make_apply_fn(cfg)
+  lm_apply = common.policy_apply_fn(config, cfg)  # over {"base", "lora"} with LoRA; samplers get merged params
   sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature, num_samples=n, mesh=mesh)
   eval_sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature,
                                       num_samples=pc.eval_samples, mesh=mesh)
   greedy = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=0.0, mesh=mesh)
   score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=plen, temperature=temperature, critic_apply=scalar_apply,
-                                    reward_apply=models.make_apply_fn(cfg, head="scalar") if use_rm else None,
+                                    reward_apply=models.make_apply_fn(rm_cfg, head="scalar") if use_rm else None,
                                     reward_mean=reward_mean, reward_std=reward_std))
   prepare = jax.jit(make_prepare_fn(advantage=advantage, strategy=ac.strategy, n=n, **_filtration_kwargs(config)))
   update = jax.jit(make_ppo_step(lm_apply, actor_tx, prompt_len=plen, advantage=advantage, critic_apply=scalar_apply,
@@ -163,6 +180,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   def evaluate(params) -> dict[str, float]:
     if not held_out:
       return {}
+    params = common.plain_params(config, params)
     out = rollout.evaluate_policy(task, eval_sampler, greedy, params, tok, held_out, batch_size=pc.rollout_batch,
                                   max_prompt_len=plen, rng=jax.random.PRNGKey(config.seed + 11), mesh=mesh,
                                   ks=sorted({1, pc.eval_samples}))
@@ -178,7 +196,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
     writer.write(0, initial)
   elif start_it > 0:
     initial = _first_eval_row(os.path.join(out_dir, "metrics.jsonl"))
-  reward_desc = "the learned RM" if use_rm else ("the task's grade" + (
+  reward_desc = f"the learned {pc.reward_source.upper()}" if use_rm else ("the task's grade" + (
       f" + {pc.reward_noise_shape} noise (std {pc.reward_noise})" if pc.reward_noise else ""))
   print(f"[{stage}] {task.name}: {advantage} advantages, strategy {ac.strategy}, {p_count} prompts × {n} samples at "
         f"T={temperature}, reward = {reward_desc}; held-out ({len(held_out)} prompts) success "
@@ -188,35 +206,40 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   nonfinite = NonFiniteGuard(pc.max_consecutive_skips, stage=stage,
                              kept=f"the checkpoints in {ckpt.directory} hold the last finite state")
   r2_first, metrics, last_eval = None, {}, {}
-  local = slice(pi * p_count // pcount, (pi + 1) * p_count // pcount)
+  local = rollout.host_rows(p_count, mesh)  # this host's prompts: its rows of the global batch
   # SIGTERM (preemption): checkpoint at the next iteration boundary, then exit 75; rerunning resumes
   with PreemptionGuard() as preemption:
     for it in range(start_it + 1, pc.iterations + 1):
-      records = [train[int(order[((it - 1) * p_count + j) % len(order)])] for j in range(p_count)][local]
+      records_all = [train[int(order[((it - 1) * p_count + j) % len(order)])] for j in range(p_count)]
+      records = records_all[local]
       key = common.fold(rng, it)
       with timers("rollout"):
-        ro = rollout.sample(sampler, state.actor.params, tok, records, max_prompt_len=plen,
+        policy = common.plain_params(config, state.actor.params)  # LoRA merged for the sampler
+        ro = rollout.sample(sampler, policy, tok, records, max_prompt_len=plen,
                             rng=jax.random.fold_in(key, 0), mesh=mesh)
       with timers("score"):
-        sc = score(sft_params, state.critic.params if state.critic is not None else None, rm_params, ro.out.tokens,
+        ref_params = common.reference_of(config, state.actor.params, sft_params)  # LoRA: the actor's base
+        sc = score(ref_params, state.critic.params if state.critic is not None else None, rm_params, ro.out.tokens,
                    ro.out.mask)
         jax.block_until_ready(sc)
       with timers("grade"):
-        truth = rollout.grade(task, ro.records, ro.texts, n=n)  # host-local [P_local · N]
+        truth_local = rollout.grade(task, ro.records, ro.texts, n=n)  # host-local [P_local · N]
+        # every host's grades [P · N] (multi-host: a small all-gather): rewards and metrics as on one process
+        truth = rollout.all_rows(rollout.shard_rows(truth_local, mesh))
       if use_rm:
         train_scores = sc["rm_scores"]
-        rewards_host = rollout.local_rows(sc["rm_rewards"])
+        rewards_host = rollout.all_rows(sc["rm_rewards"])
       else:
         rewards_host = noisy_reward(truth, std=pc.reward_noise, shape=pc.reward_noise_shape,
                                     rng=np.random.default_rng([config.seed, it]))
-        train_scores = rollout.shard_rows(rewards_host, mesh)
+        train_scores = rollout.shard_rows(rewards_host[local.start * n:local.stop * n], mesh)
       with timers("update"):
         batch = {"tokens": ro.out.tokens, "mask": ro.out.mask, "completion_mask": ro.out.completion_mask,
                  "old_logprobs": ro.out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"]}
         if "old_values" in sc:
           batch["old_values"] = sc["old_values"]
         batch, weights_PxN = prepare(batch, train_scores.reshape(p_count, n), jax.random.fold_in(key, 1))
-        rehearsal, sr_metrics = extras.rehearsal(state.actor.params, records, jax.random.fold_in(key, 2))
+        rehearsal, sr_metrics = extras.rehearsal(policy, records, jax.random.fold_in(key, 2))
         if rehearsal is not None:  # after `prepare`: the rehearsal rows are not the rollout's (never filtered)
           batch = {**batch, "rehearsal": rehearsal}
         state, metrics = update(state, batch)
@@ -224,7 +247,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
       # host-side diagnostics: the trained-on reward against the task's grade, on all and on kept samples
       rewards = rewards_host.reshape(-1, n)
       truth_PxN = truth.reshape(-1, n)
-      weights = rollout.local_rows(weights_PxN)
+      weights = rollout.all_rows(weights_PxN)
       if use_rm or pc.reward_noise:
         metrics.update(analysis.r2_diagnostics(rewards, truth_PxN, weights, bins=pc.r2_bins))
         if r2_first is None:
@@ -233,8 +256,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
       metrics.update({"true/score": float(truth_PxN.mean()), "true/success_rate": float(ok.mean()),
                       "true/score_kept": float((truth_PxN * weights).sum() / max(weights.sum(), 1e-8)),
                       "true/groups_with_contrast": float(np.mean(truth_PxN.max(1) > truth_PxN.min(1)))})
-      trained_on = rollout.local_rows(train_scores).reshape(-1, n)
-      metrics.update({**sr_metrics, **extras.iteration_metrics(ro.records, trained_on, truth_PxN)})
+      trained_on = rollout.all_rows(train_scores).reshape(-1, n)
+      metrics.update({**sr_metrics, **extras.iteration_metrics(records_all, trained_on, truth_PxN)})
       metrics.update(timers.summary(reset=True))
       if it % pc.eval_every == 0 or it == pc.iterations:
         with timers("eval"):
@@ -255,8 +278,10 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   ckpt.close()
   writer.close()
 
-  common.save_params(final_params_dir(workdir, stage), state.actor.params,
+  final_params = common.plain_params(config, state.actor.params)  # LoRA merged
+  common.save_params(final_params_dir(workdir, stage), final_params,
                      {"step": pc.iterations, "stage": stage, "advantage": advantage, "strategy": ac.strategy})
+  common.export_hf(config, final_params, out_dir)  # <out_dir>/hf/ with model.hf_path
   plot_metrics(os.path.join(out_dir, "metrics.jsonl"),
                {"reward trained on": ["reward/score"],
                 "grade of training samples": ["true/score", "true/success_rate"],

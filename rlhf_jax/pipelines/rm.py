@@ -83,9 +83,10 @@ def _encode_pairs(tok, batch, config) -> dict[str, np.ndarray]:
 
 
 def _record_key(record: dict, i: int) -> str:
-  for k in ("task_id", "key"):
-    if record.get(k):
-      return str(record[k])
+  """A record's identifier for the pair metadata (string ids only: a mixture's integer task_id names the task)."""
+  for k in ("problem_id", "key", "task_id"):
+    if isinstance(record.get(k), str) and record[k]:
+      return record[k]
   return f"{i}:{record['prompt'][:40]}"
 
 
@@ -203,6 +204,7 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   writer.write(rc.steps, {**final_eval, **{f"eval/{k}": v for k, v in stats.items()}})
   writer.close()
   common.save_params(final_params_dir(workdir), state.params, {"step": rc.steps, "stage": "rm", **stats})
+  common.export_hf(config, state.params, out_dir, head="scalar")  # rm/hf/ (*ForSequenceClassification), hf_path only
   plot_metrics(os.path.join(out_dir, "metrics.jsonl"),
                {"BT loss": ["train/loss", "eval/loss"], "pairwise accuracy": ["rm/accuracy", "eval/accuracy"]},
                os.path.join(out_dir, "rm.png"), title="Reward model")

@@ -27,8 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax import models
-from rlhf_jax import sharding as shd
+from rlhf_jax import rollout, sharding as shd
 from rlhf_jax.checkpointing import Checkpointer, abstract_like
 from rlhf_jax.config import config_to_json
 from rlhf_jax.data import make_grain_loader
@@ -46,6 +45,13 @@ DEFAULT_MAX_CONSECUTIVE_SKIPS = 10
 def _encode(tok, batch: dict, config) -> dict[str, np.ndarray]:
   return encode_pairs(tok, batch["prompt"], batch["response"], config.task.max_prompt_len,
                       config.task.max_response_len)
+
+
+def _to_mesh(enc: dict[str, np.ndarray], mesh) -> Any:
+  """The global batch (the same on every host) on the mesh: each host feeds only its rows (`rollout.host_rows`),
+  so a multi-host run trains on exactly the batches of a one-process run."""
+  rows = rollout.host_rows(len(enc["tokens"]), mesh)
+  return shd.shard_batch({k: v[rows] for k, v in enc.items()}, mesh)
 
 
 def _close_quietly(ckpt: Checkpointer) -> None:
@@ -79,9 +85,10 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     raise ValueError(f"config.sft.batch_size={sc.batch_size} exceeds the {len(train_src)} training examples")
 
   # --- state ----------------------------------------------------------------------
-  tx = common.optimizer(sc)
+  tx = common.policy_optimizer(config, common.optimizer(sc))  # LoRA (model.lora_rank): adapters only
   rng = jax.random.PRNGKey(config.seed)
-  state, state_sh = common.create_state(lambda r: models.init_params(cfg, r), models.logical_axes(cfg), tx, mesh, rng)
+  # The checkpoint's weights (model.hf_path) or a random init; with LoRA {"base", "lora"}, whole tree checkpointed.
+  state, state_sh = common.policy_state(config, cfg, tx, mesh, rng, common.init_policy_params(config, rng, mesh))
   ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=config.checkpoint.max_to_keep,
                       save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
   start_batch = 0
@@ -93,7 +100,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), int(state.step))
 
   # --- step -----------------------------------------------------------------------
-  apply_fn = models.make_apply_fn(cfg)
+  apply_fn = common.policy_apply_fn(config, cfg)
   batch_sh = shd.batch_sharding(mesh, 2)
   batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh}
   rep = shd.replicated(mesh)
@@ -109,10 +116,11 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     for i, batch in enumerate(loader):
       if i >= sc.eval_batches:
         break
-      results.append(common.to_host(eval_step(params, shd.shard_batch(_encode(tok, batch, config), mesh))))
+      results.append(common.to_host(eval_step(params, _to_mesh(_encode(tok, batch, config), mesh))))
     return {f"eval/{k.split('/')[-1]}": v for k, v in common.mean_metrics(results).items()}
 
   # --- loop -----------------------------------------------------------------------
+  # Every host loads the same global batch; `_to_mesh` keeps its rows.
   loader = make_grain_loader(train_src, batch_size=sc.batch_size, seed=config.seed, shuffle=True, num_epochs=None,
                              start_index=start_batch)
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)
@@ -144,7 +152,7 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
         if step >= sc.steps:
           break
         enc = _encode(tok, batch, config)
-        state, metrics = train_step(state, shd.shard_batch(enc, mesh))
+        state, metrics = train_step(state, _to_mesh(enc, mesh))
         step += 1
         pending.append(metrics)
         tokens = int(enc["mask"].sum())  # real (non-padding) tokens processed
@@ -174,7 +182,9 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
     final_eval = evaluate(state.params)
     writer.write(step, final_eval)
     writer.close()
-    common.save_params(final_dir, state.params, {"step": step, "stage": "sft", "model": config.model.to_dict()})
+    final_params = common.plain_params(config, state.params)  # LoRA merged: later stages load a plain model
+    common.save_params(final_dir, final_params, {"step": step, "stage": "sft", "model": config.model.to_dict()})
+    common.export_hf(config, final_params, out_dir)  # <out_dir>/hf/ with model.hf_path
     plot_metrics(os.path.join(out_dir, "metrics.jsonl"), {"loss": ["train/loss", "eval/nll"],
                                                           "token accuracy": ["sft/accuracy", "eval/accuracy"]},
                  os.path.join(out_dir, "loss.png"), title="SFT")

@@ -120,6 +120,7 @@ def test_bad_mixture_and_rehearsal_configs_name_the_field():
   assert e.value.field == "config.sr.clusters"
 
 
+@pytest.mark.slow  # sft + am + ppo with their compilations: ~4 min on the shared 2-core machine
 def test_am_stage_trains_both_models_and_reports_per_task(am_run):
   config, workdir, summary, _ = am_run
   out = os.path.join(workdir, "am")
@@ -144,6 +145,7 @@ def test_am_stage_trains_both_models_and_reports_per_task(am_run):
   assert am.run_am(config, workdir)["reused"]  # a finished stage is reused
 
 
+@pytest.mark.slow  # sft + am + ppo with their compilations: ~4 min on the shared 2-core machine
 def test_rl_with_am_and_rehearsal_writes_per_task_and_forgetting_metrics(am_run):
   config, workdir, _, summary = am_run
   out = os.path.join(workdir, "ppo")
