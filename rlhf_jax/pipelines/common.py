@@ -283,8 +283,27 @@ def optimizer(section, *, optimizer_section=None, total_steps: Optional[int] = N
 # --- state --------------------------------------------------------------------------
 def state_shardings(abstract_state: TrainState, param_shardings: Any, tx, mesh: Mesh) -> TrainState:
   rep = shd.replicated(mesh)
-  return TrainState(step=rep, params=param_shardings,
-                    opt_state=shd.opt_state_shardings(tx, abstract_state.opt_state, param_shardings, mesh), rng=rep)
+  if isinstance(abstract_state.opt_state, optax.MultiTransformState):  # LoRA's lora_optimizer
+    opt = _multi_transform_shardings(abstract_state.opt_state, param_shardings, mesh)
+  else:
+    opt = shd.opt_state_shardings(tx, abstract_state.opt_state, param_shardings, mesh)
+  return TrainState(step=rep, params=param_shardings, opt_state=opt, rng=rep)
+
+
+def _multi_transform_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings of an `optax.multi_transform` state, which `optax.tree_map_params` cannot map: each inner state's
+  moments are parameter-shaped trees (MaskedNode where another transform owns the parameter), so a leaf whose
+  path ends with a parameter's path takes that parameter's sharding; counts and the rest are replicated."""
+  rep = shd.replicated(mesh)
+  by_path = {tuple(path): s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+  def pick(path, leaf):
+    for i in range(len(path)):
+      if tuple(path[i:]) in by_path:
+        return by_path[tuple(path[i:])]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def create_state(init_params_fn: Callable[..., Any], logical_specs: Any, tx, mesh: Mesh, rng: jax.Array,
