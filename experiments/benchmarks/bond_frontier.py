@@ -222,8 +222,12 @@ def main(argv=None) -> int:
     if todo:
       t0 = time.time()
       config = _config(kind, iterations=args.iterations, seed=seed, lr=args.lr, **kw)
-      _run_one(kind, config, wd)
-      print(f"# {name}: {time.time() - t0:.0f} s (load {load_average()})", flush=True)
+      from rlhf_jax.pipelines.common import SettingsChanged  # pylint: disable=import-outside-toplevel
+      try:
+        _run_one(kind, config, wd)
+        print(f"# {name}: {time.time() - t0:.0f} s (load {load_average()})", flush=True)
+      except SettingsChanged as e:  # e.g. the schema gained fields since: the finished run is reported as it is
+        print(f"# {name}: not rerun, its finished result is reported as it is: {str(e)[:300]}", flush=True)
     summary = None
     if os.path.exists(summary_path):
       with open(summary_path) as fh:

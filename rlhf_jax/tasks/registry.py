@@ -40,6 +40,24 @@ def _tuple_records(source: Sequence[Record]) -> list[dict]:
   return [dict(source[i]) for i in range(len(source))]
 
 
+class _GeneratedTask:
+  """A task whose splits are datasets built on first use (then cached): subclasses set `splits`, `_build`."""
+
+  eval_split = "test"
+  splits: tuple = ("train", "test")
+
+  def load(self, split: str) -> list[dict]:
+    if split not in self.splits:
+      raise ValueError(f"task {self.name!r} has no split {split!r}; it has {list(self.splits)}")
+    cache = self.__dict__.setdefault("_cache", {})
+    if split not in cache:
+      cache[split] = self._build(split)
+    return cache[split]
+
+  def _build(self, split: str) -> list[dict]:
+    raise NotImplementedError
+
+
 # --- synthetic -------------------------------------------------------------------------
 def char_match_score(completion: str, target: str) -> float:
   """Fraction of positions where the completion reproduces the target, over the longer length.
@@ -52,27 +70,20 @@ def char_match_score(completion: str, target: str) -> float:
   return sum(a == b for a, b in zip(completion, target)) / denom
 
 
-class SyntheticTask:
+class SyntheticTask(_GeneratedTask):
   """String transformations of random words (`rlhf_jax.data.synthetic`), graded by character match."""
-
-  eval_split = "test"
 
   def __init__(self, data_dir: str, *, seed: int = 0, tasks: Sequence[str] = ("reverse",), num_train: int = 2000,
                num_eval: int = 200, max_len: int = 8, name: str = "synthetic"):
     self.name = name
     self._data_dir, self._seed, self._tasks, self._max_len = data_dir, seed, tuple(tasks), int(max_len)
     self._sizes = {"train": int(num_train), "test": int(num_eval)}
-    self._cache: dict[str, list[dict]] = {}
 
-  def load(self, split: str) -> list[dict]:
-    if split not in self._sizes:
-      raise ValueError(f"task {self.name!r} has no split {split!r}; it has {sorted(self._sizes)}")
-    if split not in self._cache:
-      from rlhf_jax import data  # pylint: disable=import-outside-toplevel
-      builder = data.build_synthetic_text(self._data_dir, seed=self._seed, sizes=self._sizes, tasks=self._tasks,
-                                          max_len=self._max_len)
-      self._cache[split] = _tuple_records(data.load_split(builder, split))
-    return self._cache[split]
+  def _build(self, split: str) -> list[dict]:
+    from rlhf_jax import data  # pylint: disable=import-outside-toplevel
+    builder = data.build_synthetic_text(self._data_dir, seed=self._seed, sizes=self._sizes, tasks=self._tasks,
+                                        max_len=self._max_len)
+    return _tuple_records(data.load_split(builder, split))
 
   def grade(self, records: Sequence[Record], completions: Sequence[str]) -> np.ndarray:
     scores = [char_match_score(c, r["response"]) for r, c in zip(records, completions)]
@@ -112,26 +123,20 @@ def _counted(stdout: str, nonce: str) -> Optional[tuple[int, int]]:
   return int(ok), int(total)
 
 
-class MiniCodeTask:
+class MiniCodeTask(_GeneratedTask):
   """MiniCode problems; partial credit = fraction of hidden tests passed, success = all pass + clean exit."""
 
-  eval_split = "test"
+  splits = minicode_lib.SPLITS
 
   def __init__(self, data_dir: str, *, seed: int = 0, difficulties: Sequence[int] = (1, 2, 3),
                name: str = "minicode"):
     self.name = name
     self._data_dir, self._seed, self._levels = data_dir, seed, set(int(d) for d in difficulties)
-    self._cache: dict[str, list[dict]] = {}
 
-  def load(self, split: str) -> list[dict]:
-    if split not in minicode_lib.SPLITS:
-      raise ValueError(f"task {self.name!r} has no split {split!r}; it has {list(minicode_lib.SPLITS)}")
-    if split not in self._cache:
-      from rlhf_jax import data  # pylint: disable=import-outside-toplevel
-      src = data.load_split(data.build_minicode(self._data_dir, seed=self._seed), split)
-      self._cache[split] = [{**r, "response": r["canonical_solution"]} for r in _tuple_records(src)
-                            if r["difficulty"] in self._levels]
-    return self._cache[split]
+  def _build(self, split: str) -> list[dict]:
+    from rlhf_jax import data  # pylint: disable=import-outside-toplevel
+    src = data.load_split(data.build_minicode(self._data_dir, seed=self._seed), split)
+    return [{**r, "response": r["canonical_solution"]} for r in _tuple_records(src) if r["difficulty"] in self._levels]
 
   def grade(self, records: Sequence[Record], completions: Sequence[str]) -> np.ndarray:
     from rlhf_jax.execution import execute_many  # pylint: disable=import-outside-toplevel
@@ -172,27 +177,19 @@ class HumanEvalTask:
 
 
 # --- instruction following ----------------------------------------------------------------
-class InstructionsTask:
+class InstructionsTask(_GeneratedTask):
   """Queries with verifiable constraints; partial credit = fraction followed (strict), success = all."""
-
-  eval_split = "test"
 
   def __init__(self, data_dir: str, *, seed: int = 0, num_train: int = 2000, num_eval: int = 200,
                name: str = "instructions"):
     self.name = name
     self._data_dir, self._seed = data_dir, seed
     self._sizes = {"train": int(num_train), "test": int(num_eval)}
-    self._cache: dict[str, list[dict]] = {}
 
-  def load(self, split: str) -> list[dict]:
-    if split not in self._sizes:
-      raise ValueError(f"task {self.name!r} has no split {split!r}; it has {sorted(self._sizes)}")
-    if split not in self._cache:
-      from rlhf_jax import data  # pylint: disable=import-outside-toplevel
-      builder = data.build_instructions(self._data_dir, seed=self._seed, sizes=self._sizes)
-      self._cache[split] = [{**r, "constraints": json.loads(r["constraints"])}
-                            for r in _tuple_records(data.load_split(builder, split))]
-    return self._cache[split]
+  def _build(self, split: str) -> list[dict]:
+    from rlhf_jax import data  # pylint: disable=import-outside-toplevel
+    builder = data.build_instructions(self._data_dir, seed=self._seed, sizes=self._sizes)
+    return [{**r, "constraints": json.loads(r["constraints"])} for r in _tuple_records(data.load_split(builder, split))]
 
   def grade(self, records: Sequence[Record], completions: Sequence[str]) -> np.ndarray:
     checked = instructions_lib.check_responses(list(records), list(completions), timeout_s=SANDBOX_TIMEOUT_S,

@@ -102,7 +102,7 @@ def runs(checkpoints, tmp_path_factory):
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
   settings = {
       "full": (checkpoints["llama"], ["--config.task.max_prompt_len=16"]),
-      "lora": (checkpoints["qwen2"], ["--config.task.max_prompt_len=24", "--config.model.chat_template=True",
+      "lora": (checkpoints["qwen2"], ["--config.task.max_prompt_len=32", "--config.model.chat_template=True",
                                       "--config.model.lora_rank=4", "--config.model.lora_alpha=8.0",
                                       "--config.sft.optimizer.learning_rate=1e-2",
                                       "--config.ppo.actor_optimizer.learning_rate=1e-2"]),
