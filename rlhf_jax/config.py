@@ -411,6 +411,7 @@ def check_ppo(config, device_count: int | None) -> None:
            "task's exact grader, optionally + noise)")
   _require(config, "ppo.reward_noise", lambda v: v >= 0, "must be >= 0")
   _require(config, "ppo.reward_noise_shape", lambda v: v in NOISE_SHAPES, f"must be one of {NOISE_SHAPES}")
+  _require(config, "ppo.critic_init", lambda v: v in ("rm", "sft"), "must be 'rm' or 'sft'")
   if any(s in RL_STAGES for s in stages):
     if _get(config, "sampling.top_k", 0) or _get(config, "sampling.top_p", 1.0) < 1.0:
       raise ConfigError("config.sampling.top_k" if _get(config, "sampling.top_k", 0) else "config.sampling.top_p",
@@ -700,6 +701,12 @@ def check_hf(config, device_count: int | None) -> None:
   import os  # pylint: disable=import-outside-toplevel
   _require(config, "model.lora_rank", lambda v: v >= 0, "must be >= 0 (0 = no LoRA)")
   _require(config, "model.lora_alpha", lambda v: v > 0, "must be > 0")
+  if (_get(config, "model.lora_rank", 0) or 0) > 0:
+    full = [s for s in (_get(config, "stages", ()) or ()) if s in ("dpo", "online_dpo", "rs", "bond")]
+    if full:
+      raise ConfigError("config.model.lora_rank", f"LoRA is implemented in the sft, ppo and grpo stages (rm and am "
+                        f"train their scalar models fully); stages {full} would train all weights: run them "
+                        "with lora_rank=0")
   policy = _hf_config(config, "model.hf_path")
   if policy is not None:
     arch = (policy.get("architectures") or [""])[0]

@@ -7,10 +7,13 @@
   texts = generate_texts(sampler, params, tok, records, batch_size=B, ...)   # any count, fixed shapes
 
 Shapes never change between calls (the last batch is padded by repetition), so
-the sampler compiles once. Multi-host: every host passes its own records; the
-global device arrays are assembled from the hosts' rows, and each host decodes
-and grades only its own rows (`local_rows`), never a `device_get` of a
-globally sharded array.
+the sampler compiles once. Multi-host: `sample` takes this host's records
+(`host_rows` says which rows of the batch are its); the global device arrays
+are assembled from the hosts' rows, and each host decodes and grades only its
+own rows (`local_rows`), never a `device_get` of a globally sharded array.
+`generate_texts` and `score_texts` take all records on every host, feed each
+host's rows and return all results everywhere (`all_rows`, a small all-gather),
+as one process on the same mesh would.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ import pytest
 
 from experiments.configs.base import get_base_config
 
+# Three processes compiling SFT and GRPO at once: 3-4 min on the shared 2-core machine.
+pytestmark = pytest.mark.slow
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
 

@@ -143,6 +143,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ppo.reward_noise = 0.0
   config.ppo.reward_noise_shape = "midrange"
   config.ppo.rollout_batch = 16           # prompts per sampler call (evaluations)
+  # The critic (advantage "gae") starts from the reward model, its head rescaled to predict the normalised reward
+  # ("rm", InstructGPT), or from the SFT backbone with a zero value head ("sft").
+  config.ppo.critic_init = "rm"
   config.ppo.entropy_coef = 0.0
   config.ppo.threshold = placeholder(float)        # top / top_random / top_bottom (normalised reward)
   config.ppo.lower_threshold = placeholder(float)  # top_bottom

@@ -112,7 +112,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
     reward_mean, reward_std = common.reward_statistics(config, rm_cfg, rm_params, stats_sampler, sft_params, tok,
                                                        held_out, batch_size=pc.rollout_batch,
                                                        rng=jax.random.PRNGKey(config.seed + 13), mesh=mesh)
-    print(f"[{stage}] reward model {config.rm.hf_path}: score mean {reward_mean:.4f}, std {reward_std:.4f} on "
+    print(f"[{stage}] reward model {config.rm.hf_path}: score mean {reward_mean:.4g}, std {reward_std:.4g} on "
           f"{len(held_out)} x {pc.eval_samples} SFT samples of held-out prompts")
   # Per-task metrics, forgetting (sr.expert_eval) and Selective Rehearsal (sr.coef): pipelines/am.py.
   extras = am_stage.RLExtras(config, task, tok, cfg, mesh, held_out=held_out,
@@ -135,7 +135,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   critic = critic_sh = critic_tx = scalar_apply = None
   if advantage == "gae":
     critic_tx = common.optimizer(pc, optimizer_section=pc.critic_optimizer, total_steps=updates)
-    if rm_params is not None and not external_rm:  # an external RM's shape may differ: critic from SFT then
+    # an external RM's shape may differ: critic from SFT then
+    if rm_params is not None and not external_rm and pc.critic_init == "rm":
       init_critic = lambda r, p: critic_from_reward_model(p, reward_mean=reward_mean, reward_std=reward_std)
       critic, critic_sh = common.create_state(init_critic, models.logical_axes(cfg, head="scalar"), critic_tx,
                                               mesh, rng, rm_params)

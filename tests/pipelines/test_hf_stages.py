@@ -4,12 +4,13 @@ The checkpoints are tiny random Llama / Qwen2 models saved here by `transformers
 here on the synthetic task's alphabet (nothing is downloaded). Each run is `python -m experiments.run
 --config=grpo.py --config.model.hf_path=DIR ...` on one CPU device; the checks: the stages' `<stage>/hf/` exports
 load in transformers with logits equal to those of our final params, LoRA changes the adapted projections by a
-matrix of rank <= lora_rank and leaves every other weight exactly as the checkpoint had it, and prompts are
-encoded in the checkpoint's chat template when asked.
+matrix of rank <= lora_rank and leaves every other weight exactly as the checkpoint had it, GRPO trains on an
+external reward model (rm.hf_path), and prompts are encoded in the checkpoint's chat template when asked.
 """
 
 import json
 import os
+import re
 import string
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from rlhf_jax.tokenizer import encode_prompts  # noqa: E402
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 320
+FAMILIES_PAD = {"llama": 5}  # "<pad>": the 6th special token
 _LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
@@ -79,13 +81,22 @@ def _make_checkpoint(family: str, path: str) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-  return {f: _make_checkpoint(f, str(tmp_path_factory.mktemp(f))) for f in FAMILIES}
+  out = {f: _make_checkpoint(f, str(tmp_path_factory.mktemp(f))) for f in FAMILIES}
+  # An external reward model for the Llama policy: same vocabulary, one label, its own (smaller) shape.
+  torch.manual_seed(1)
+  config = tr.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, num_labels=1,
+                          pad_token_id=FAMILIES_PAD["llama"])
+  out["reward"] = str(tmp_path_factory.mktemp("reward"))
+  tr.LlamaForSequenceClassification(config).float().save_pretrained(out["reward"])
+  return out
 
 
 def _command(workdir, hf_path, *extra):
   return [sys.executable, "-m", "experiments.run", "--config=grpo.py", f"--workdir={workdir}",
           f"--config.model.hf_path={hf_path}", "--config.task.synthetic_max_len=5", "--config.task.num_train=200",
-          "--config.task.num_eval=16", "--config.task.max_response_len=8", "--config.sampling.max_new_tokens=8", "--config.sft.steps=6",
+          "--config.task.num_eval=16", "--config.task.max_response_len=8", "--config.sampling.max_new_tokens=8",
+          "--config.sft.steps=6",
           "--config.sft.optimizer.total_steps=6", "--config.sft.optimizer.warmup_steps=1",
           "--config.sft.batch_size=8", "--config.sft.eval_every=6", "--config.sft.eval_batches=1",
           "--config.checkpoint.every_steps=6", "--config.ppo.iterations=2", "--config.ppo.prompts_per_iteration=4",
@@ -97,11 +108,13 @@ def _command(workdir, hf_path, *extra):
 
 @pytest.fixture(scope="module")
 def runs(checkpoints, tmp_path_factory):
-  """Two CLI runs of sft + grpo, started together: Llama full fine-tuning; Qwen2 with LoRA and chat prompts."""
+  """Two CLI runs of sft + grpo, started together: Llama, full fine-tuning, GRPO on an external reward model
+  (rm.hf_path); Qwen2 with LoRA and prompts in its chat template."""
   env = dict(os.environ, PYTHONPATH=REPO_DIR)
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
   settings = {
-      "full": (checkpoints["llama"], ["--config.task.max_prompt_len=16"]),
+      "full": (checkpoints["llama"], ["--config.task.max_prompt_len=16", f"--config.rm.hf_path={checkpoints['reward']}",
+                                      "--config.ppo.reward_source=rm"]),
       "lora": (checkpoints["qwen2"], ["--config.task.max_prompt_len=32", "--config.model.chat_template=True",
                                       "--config.model.lora_rank=4", "--config.model.lora_alpha=8.0",
                                       "--config.sft.optimizer.learning_rate=1e-2",
@@ -113,11 +126,12 @@ def runs(checkpoints, tmp_path_factory):
     procs[name] = subprocess.Popen(_command(workdir, ckpt, *extra), cwd=REPO_DIR, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
     out[name] = workdir
+  logs = {}
   for name, proc in procs.items():
-    log, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, log[-4000:]
-    assert "[grpo] done" in log, log[-2000:]
-  return {name: (out[name], settings[name][0]) for name in settings}
+    logs[name], _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, logs[name][-4000:]
+    assert "[grpo] done" in logs[name], logs[name][-2000:]
+  return {name: (out[name], settings[name][0], logs[name]) for name in settings}
 
 
 def _our_logits(cfg, params, tokens, mask):
@@ -134,7 +148,7 @@ def _final_params(workdir, stage, cfg):
 
 @pytest.mark.parametrize("name", ["full", "lora"])
 def test_stage_exports_load_in_transformers_with_our_logits(runs, name):
-  workdir, ckpt = runs[name]
+  workdir, ckpt, _ = runs[name]
   cfg, _ = models.load_pretrained(ckpt)
   rng = np.random.RandomState(1)
   tokens = rng.randint(3, 290, (2, 12)).astype(np.int32)
@@ -154,7 +168,7 @@ def test_stage_exports_load_in_transformers_with_our_logits(runs, name):
 def test_lora_changes_only_adapted_weights_by_low_rank(runs):
   """checkpoint -> sft/final and sft/final -> grpo/final: each stage adds (alpha/r)·A@B of rank <= r = 4 to the
   adapted projections (up to float32 rounding of the merge) and leaves every other weight bit for bit."""
-  workdir, ckpt = runs["lora"]
+  workdir, ckpt, _ = runs["lora"]
   cfg, start = models.load_pretrained(ckpt)
   start = jax.device_get(start)
   for stage in ("sft", "grpo"):
@@ -168,12 +182,24 @@ def test_lora_changes_only_adapted_weights_by_low_rank(runs):
         for layer in delta:  # scanned: [L, in..., out...]
           s = np.linalg.svd(layer.reshape(int(np.prod(layer.shape[:models.LORA_TARGETS[target]])), -1),
                             compute_uv=False)
-          assert s[0] > 0 and int((s > 1e-4 * s[0]).sum()) <= 4, (stage, target, s[:6])
+          assert int((s > 1e-4 * s[0]).sum()) <= 4, (stage, target, s[:6])
+          assert s[0] > 0 or stage == "grpo", target  # SFT moves every adapted weight (GRPO may not in 2 steps)
         changed.append(True)
       else:  # embeddings, norms, biases: frozen exactly
         assert np.array_equal(np.asarray(leaf), np.asarray(before[path])), (stage, path)
     assert len(changed) == 7 * 1  # wq wk wv wo w_gate w_up w_down (scanned: one leaf each)
     start = final
+
+
+def test_external_reward_model_trains_grpo(runs):
+  """rm.hf_path: GRPO's reward is the external model's score, normalised by its statistics on SFT samples."""
+  workdir, _, log = runs["full"]
+  line = next(l for l in log.splitlines() if "score mean" in l)
+  mean, std = (float(x) for x in re.findall(r"(?:mean|std) (-?[\d.]+(?:e[-+]?\d+)?)", line))
+  assert np.isfinite(mean) and std > 0
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "grpo", "metrics.jsonl")) if '"reward/score"' in l]
+  assert len(rows) == 2 and all(np.isfinite(r["reward/score"]) and "filter/r2" in r for r in rows)
+  assert json.load(open(os.path.join(workdir, "grpo", "summary.json")))["reward_source"] == "rm"
 
 
 def test_chat_template_formats_prompts(checkpoints):
@@ -194,14 +220,18 @@ def test_config_validation_of_hf_fields(checkpoints, tmp_path):
     c = get_base_config()
     c.task.max_prompt_len, c.task.max_response_len, c.sampling.max_new_tokens = 16, 8, 8  # fit 64 positions
     for k, v in fields.items():
-      section, key = k.split("__")
-      c[section][key] = v
+      if "__" in k:
+        section, key = k.split("__")
+        c[section][key] = v
+      else:
+        c[k] = v
     validate_config(c, schema)
 
   check(model__hf_path=checkpoints["llama"], model__lora_rank=2)
   for fields, field in [({"model__hf_path": str(tmp_path)}, "config.model.hf_path"),
                         ({"model__hf_path": checkpoints["llama"], "model__dim": 32}, "config.model.dim"),
                         ({"model__lora_rank": -1}, "config.model.lora_rank"),
+                        ({"model__lora_rank": 2, "stages": ("sft", "dpo")}, "config.model.lora_rank"),
                         ({"model__chat_template": True}, "config.model.chat_template"),
                         ({"rm__hf_path": checkpoints["llama"]}, "config.rm.hf_path")]:
     with pytest.raises(ConfigError) as e:
