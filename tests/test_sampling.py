@@ -12,6 +12,7 @@ from rlhf_jax.tokenizer import ByteTokenizer, encode_prompts
 
 TOK = ByteTokenizer()
 PROMPTS = ["hello", "a much longer prompt, left-padded", "x"]
+PLEN = 36  # BOS + the longest prompt (34 tokens) fits: prompts are never truncated
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +40,23 @@ def _recompute_logprobs(apply, params, out, prompt_len, sp=None):
 ])
 def test_logprobs_equal_full_forward(model, sp):
   cfg, params, apply = model
-  pt, pm = encode_prompts(TOK, PROMPTS, 24)
+  pt, pm = encode_prompts(TOK, PROMPTS, PLEN)
   out = Sampler(cfg, sp, eos_id=TOK.eos_id, pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(1))
-  assert out.tokens.shape == (3 * sp.num_samples, 24 + 12)
-  _, lp = _recompute_logprobs(apply, params, out, 24, sp)
+  assert out.tokens.shape == (3 * sp.num_samples, PLEN + 12)
+  _, lp = _recompute_logprobs(apply, params, out, PLEN, sp)
   np.testing.assert_allclose(out.completion_logprobs, lp, atol=1e-4)
   # the N samples of a prompt share its tokens and differ in their completions
-  np.testing.assert_array_equal(out.tokens[0, :24], out.tokens[sp.num_samples - 1, :24])
+  np.testing.assert_array_equal(out.tokens[0, :PLEN], out.tokens[sp.num_samples - 1, :PLEN])
   assert not np.array_equal(out.completion_tokens[0], out.completion_tokens[1])
 
 
 def test_greedy_is_argmax_of_full_forward(model):
   cfg, params, apply = model
-  pt, pm = encode_prompts(TOK, PROMPTS, 24)
+  pt, pm = encode_prompts(TOK, PROMPTS, PLEN)
   out = Sampler(cfg, SamplingParams(max_new_tokens=10, temperature=0.0), eos_id=TOK.eos_id,
                 pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(1))
-  logits, _ = _recompute_logprobs(apply, params, out, 24)
-  greedy = jnp.argmax(logits[:, 23:-1], -1)
+  logits, _ = _recompute_logprobs(apply, params, out, PLEN)
+  greedy = jnp.argmax(logits[:, PLEN - 1:-1], -1)
   np.testing.assert_array_equal(np.where(out.completion_mask, greedy, -1),
                                 np.where(out.completion_mask, out.completion_tokens, -1))
 
@@ -73,7 +74,7 @@ def test_left_padding_changes_nothing(model):
 
 def test_eos_ends_a_row(model):
   cfg, params, _ = model
-  pt, pm = encode_prompts(TOK, PROMPTS, 24)
+  pt, pm = encode_prompts(TOK, PROMPTS, PLEN)
   greedy = Sampler(cfg, SamplingParams(max_new_tokens=10, temperature=0.0), eos_id=TOK.eos_id,
                    pad_id=TOK.pad_id)(params, pt, pm, jax.random.PRNGKey(0))
   eos = int(greedy.completion_tokens[0, 3])  # pretend this token is EOS
@@ -94,14 +95,14 @@ def test_one_compilation_for_many_batches(model):
   cfg, params, _ = model
   sampler = Sampler(cfg, SamplingParams(max_new_tokens=6), eos_id=TOK.eos_id, pad_id=TOK.pad_id)
   for i, prompts in enumerate([PROMPTS, ["a", "bb", "ccc"], ["zz", "y", "hello world"]]):
-    pt, pm = encode_prompts(TOK, prompts, 16)
+    pt, pm = encode_prompts(TOK, prompts, PLEN)
     jax.block_until_ready(sampler(params, pt, pm, jax.random.PRNGKey(i)))
   assert sampler.trace_counts == {"prefill": 1, "decode": 1}
 
 
 def test_top_k_one_is_greedy(model):
   cfg, params, _ = model
-  pt, pm = encode_prompts(TOK, PROMPTS, 16)
+  pt, pm = encode_prompts(TOK, PROMPTS, PLEN)
   kw = dict(cfg=cfg, max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id)
   a = generate(params, pt, pm, jax.random.PRNGKey(5), temperature=1.0, top_k=1, **kw)
   b = generate(params, pt, pm, jax.random.PRNGKey(6), temperature=0.0, **kw)

@@ -61,7 +61,7 @@ def test_sft_step_sharded_equals_single_device(setup):
 
 def test_sampler_sharded_equals_single_device(setup):
   cfg, meshes = setup
-  pt, pm = encode_prompts(TOK, [f"q{i}" * (i + 1) for i in range(8)], 16)
+  pt, pm = encode_prompts(TOK, [f"q{i}" * (i + 1) for i in range(8)], 17)  # the longest takes 17 (BOS + 16)
   outs = {}
   for name, mesh in meshes.items():
     params, _ = shd.init_sharded(lambda r: models.init_params(cfg, r), models.logical_axes(cfg), mesh,

@@ -173,10 +173,24 @@ def main() -> int:
               title="final held-out success per strategy", errors={k: float(np.std([r["final_success_rate"]
                                                                                      for r in v]))
                                                                   for k, v in results.items()})
+  # R² of the reward each run trained on against the grade, per strategy, on its first rollout (the SFT policy's
+  # samples): Table 1 for whatever reward the runs used (the RM, or the grade + noise).
+  firsts = [r["r2_first_rollout"] for runs in results.values() for r in runs if r.get("r2_first_rollout")]
+  if firsts:
+    names = list(firsts[0])
+    table1b = ["| strategy | binned R² (mean ± std over runs) | unbinned R² |", "|---|---|---|"]
+    table1b += [f"| {k} | {mean_std([f[k]['r2_binned'] for f in firsts])} | {mean_std([f[k]['r2'] for f in firsts])} |"
+                for k in names]
+    out["r2_first_rollout"] = {k: {"r2_binned": float(np.mean([f[k]["r2_binned"] for f in firsts])),
+                                   "r2": float(np.mean([f[k]["r2"] for f in firsts]))} for k in names}
+    print(f"\nTable 1 (first rollout of each of {len(firsts)} runs: the trained-on reward vs the grade)\n"
+          + "\n".join(table1b))
   if table1:
     print(f"\nTable 1 — R² on the SFT policy ({out['r2_sft']['prompts']} prompts × "
           f"{out['r2_sft']['samples_per_prompt']} samples)\n" + "\n".join(table1))
   print(f"\n{args.mode}{tag}, seeds {args.seeds}\n" + "\n".join(lines))
+  with open(os.path.join(workdir, f"{args.mode}{tag}.json"), "w") as f:
+    json.dump(out, f, indent=2)
   return 0
 
 
