@@ -236,7 +236,7 @@ class SettingsChanged(ValueError):
   """A stage's saved work was made with other settings than this run's (a usage error: exit 2)."""
 
 
-def check_provenance(out_dir: str, config, stage: str) -> None:
+def check_provenance(out_dir: str, config, stage: str, *, ignore: tuple = ()) -> None:
   """Records the stage's settings, or refuses when its saved work came from different ones.
 
   A finished or partly trained stage is reused only with the settings that
@@ -244,12 +244,14 @@ def check_provenance(out_dir: str, config, stage: str) -> None:
   instead of reporting new settings next to old parameters.
   """
   path = os.path.join(out_dir, "provenance.json")
-  settings = stage_settings(config, stage)
+  # `ignore`: fields a resumed run may change (e.g. SFT's step count: training longer continues the same run)
+  settings = {k: v for k, v in stage_settings(config, stage).items() if k not in ignore}
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f).get("settings", {})
     # A field added to the schema after the stage ran counts as unchanged while it keeps its default.
     defaults = _schema_defaults(stage)
+    saved = {k: v for k, v in saved.items() if k not in ignore}
     changed = sorted(k for k in set(saved) | set(settings)
                      if saved.get(k, defaults.get(k, "<absent>")) != settings.get(k, defaults.get(k, "<absent>")))
     if changed:

@@ -36,7 +36,10 @@ from rlhf_jax.pipelines import common, sft
 from rlhf_jax.selection import r_squared
 from rlhf_jax.steps import make_rm_eval_step, make_rm_step, make_score_fn
 from rlhf_jax.tokenizer import encode_pairs
+from rlhf_jax.checkpointing import Checkpointer, abstract_like
 from rlhf_jax.utils import MetricsWriter, Progress, plot_metrics
+from rlhf_jax.utils import metrics as metrics_lib
+from rlhf_jax.utils.preemption import PreemptionGuard
 
 
 def final_params_dir(workdir: str) -> str:
@@ -175,20 +178,38 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
     return {f"eval/{k.split('/')[-1]}": float(v) for k, v in m.items()}
 
   # --- 3. loop ------------------------------------------------------------------------
-  loader = data.make_grain_loader(train_src, batch_size=bs, seed=config.seed, shuffle=True, num_epochs=None)
+  # Resumable: the state and the loader position are checkpointed; SIGTERM checkpoints at the next step and exits 75.
+  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=config.checkpoint.max_to_keep,
+                      save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(state, sharding=state_sh))
+    start = int(meta["data_position"])
+    print(f"[rm] resumed at step {start}")
+  metrics_lib.truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
+  loader = data.make_grain_loader(train_src, batch_size=bs, seed=config.seed, shuffle=True, num_epochs=None,
+                                  start_index=start)
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)
-  progress = Progress(rc.steps, desc="rm", quiet=not config.logging.progress)
+  progress = Progress(rc.steps, desc="rm", initial=start, quiet=not config.logging.progress)
   pending = []
-  for step, batch in zip(range(1, rc.steps + 1), loader):
-    state, metrics = train_step(state, shd.shard_batch(_encode_pairs(tok, batch, config), mesh))
-    pending.append(metrics)
-    if step % config.logging.every_steps == 0 or step == rc.steps:
-      host = common.mean_metrics([common.to_host(m) for m in pending])
-      pending = []
-      progress.update(step, loss=host["train/loss"], acc=host.get("rm/accuracy", 0.0))
-      writer.write(step, host)
-    if step % max(1, rc.steps // 4) == 0 or step == rc.steps:
-      writer.write(step, evaluate(state.params))
+  with PreemptionGuard() as guard:
+    for step, batch in zip(range(start + 1, rc.steps + 1), loader):
+      state, metrics = train_step(state, shd.shard_batch(_encode_pairs(tok, batch, config), mesh))
+      pending.append(metrics)
+      if step % config.logging.every_steps == 0 or step == rc.steps:
+        host = common.mean_metrics([common.to_host(m) for m in pending])
+        pending = []
+        progress.update(step, loss=host["train/loss"], acc=host.get("rm/accuracy", 0.0))
+        writer.write(step, host)
+      if step % max(1, rc.steps // 4) == 0 or step == rc.steps:
+        writer.write(step, evaluate(state.params))
+      ckpt.save(step, state, meta={"data_position": loader.position})
+      if guard.should_stop(step) and step < rc.steps:
+        ckpt.save(step, state, meta={"data_position": loader.position}, force=True)
+        ckpt.wait()
+        guard.exit(stage="rm", step=step, checkpoint=os.path.join(ckpt.directory, str(step)))
+  ckpt.wait()
+  ckpt.close()
   progress.close()
   final_eval = evaluate(state.params)
 

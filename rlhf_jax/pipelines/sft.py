@@ -67,6 +67,9 @@ def final_params_dir(workdir: str) -> str:
 
 def run_sft(config, workdir: str) -> dict[str, Any]:
   out_dir = common.stage_dir(workdir, "sft")
+  # A finished or partly trained SFT is continued only with the settings that made it (the step count may grow).
+  common.check_provenance(out_dir, config, "sft", ignore=("sft.steps", "sft.eval_every", "sft.eval_batches",
+                                                          "sft.max_consecutive_skips"))
   cfg = common.model_config(config)
   final_dir = final_params_dir(workdir)
   if common.has_params(final_dir):

@@ -261,3 +261,18 @@ def test_rl_stops_on_consecutive_non_finite_updates(tmp_path):
   with pytest.raises(TrainingDiverged, match="grpo"):
     grpo.run_grpo(config, workdir)
   assert not common.has_params(ppo.final_params_dir(workdir, "grpo"))
+
+
+def test_sft_resumed_with_another_batch_size_is_refused(tmp_path):
+  """Issue 14.1: changing batch size on resume went through silently; training longer stays allowed."""
+  config = small_config()
+  config.sft.steps = 2
+  workdir = str(tmp_path / "run")
+  sft.run_sft(config, workdir)
+  shutil.rmtree(sft.final_params_dir(workdir))  # an unfinished run
+  config.sft.batch_size = 8
+  with pytest.raises(common.SettingsChanged, match="sft.batch_size: 16 -> 8"):
+    sft.run_sft(config, workdir)
+  config.sft.batch_size = 16
+  config.sft.steps = 3
+  assert sft.run_sft(config, workdir)["steps"] == 3
