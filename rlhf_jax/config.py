@@ -412,6 +412,7 @@ def check_ppo(config, device_count: int | None) -> None:
   _require(config, "ppo.reward_noise", lambda v: v >= 0, "must be >= 0")
   _require(config, "ppo.reward_noise_shape", lambda v: v in NOISE_SHAPES, f"must be one of {NOISE_SHAPES}")
   _require(config, "ppo.critic_init", lambda v: v in ("rm", "sft"), "must be 'rm' or 'sft'")
+  _require(config, "ppo.logprob_chunk", lambda v: v >= 0, "must be >= 0 (0 = off)")
   if any(s in RL_STAGES for s in stages):
     if _get(config, "sampling.top_k", 0) or _get(config, "sampling.top_p", 1.0) < 1.0:
       raise ConfigError("config.sampling.top_k" if _get(config, "sampling.top_k", 0) else "config.sampling.top_p",

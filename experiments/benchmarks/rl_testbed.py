@@ -176,6 +176,7 @@ def main() -> int:
   # R² of the reward each run trained on against the grade, per strategy, on its first rollout (the SFT policy's
   # samples): Table 1 for whatever reward the runs used (the RM, or the grade + noise).
   firsts = [r["r2_first_rollout"] for runs in results.values() for r in runs if r.get("r2_first_rollout")]
+  firsts = [f for f in firsts if len(f) == max(len(g) for g in firsts)]  # PPO-S (1 sample) has only "none"
   if firsts:
     names = list(firsts[0])
     table1b = ["| strategy | binned R² (mean ± std over runs) | unbinned R² |", "|---|---|---|"]

@@ -135,6 +135,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.ppo.checkpoint_every = 5         # iterations between resumable checkpoints of the whole RL state
   config.ppo.r2_bins = 10
   config.ppo.max_consecutive_skips = 3    # iterations whose updates were all non-finite before the run stops
+  config.ppo.logprob_chunk = 0            # > 0: log-probs this many positions at a time, no [B,G,V] logits (big vocab)
   # Reward the policy is trained on. "rm": the learned reward model (the method). "task": the task's exact
   # grader, plus optional noise of std `reward_noise` ("constant" everywhere, or "midrange": scaled by
   # 1 − |2s − 1|, largest at mid-range scores s, the premise of PF-PPO; ALGORITHMS.md §4.10) — a controlled

@@ -69,7 +69,7 @@ def critic_from_reward_model(rm_params: Any, *, reward_mean: float, reward_std: 
 
 def make_score_fn(actor_apply: Callable, *, prompt_len: int, temperature: float = 1.0,
                   critic_apply: Optional[Callable] = None, reward_apply: Optional[Callable] = None,
-                  reward_mean: float = 0.0, reward_std: float = 1.0) -> Callable:
+                  reward_mean: float = 0.0, reward_std: float = 1.0, logprob_chunk: Optional[int] = None) -> Callable:
   """`score(ref_params, critic_params, rm_params, tokens, mask) -> dict`: one fused call for a rollout.
 
   Returns `ref_logprobs` [R, G] (at `temperature`), `old_values` [R, G] when
@@ -80,7 +80,7 @@ def make_score_fn(actor_apply: Callable, *, prompt_len: int, temperature: float 
 
   def score(ref_params, critic_params, rm_params, tokens_RxS, mask_RxS):
     out = {"ref_logprobs": completion_logprobs(actor_apply, ref_params, tokens_RxS, mask_RxS, prompt_len,
-                                               temperature=temperature)}
+                                               temperature=temperature, chunk=logprob_chunk)}
     if critic_apply is not None:
       out["old_values"] = completion_values(critic_apply, critic_params, tokens_RxS, mask_RxS, prompt_len)
     if reward_apply is not None:
@@ -141,7 +141,8 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
                   kl_estimator: str = "k1", kl_in_reward: Optional[bool] = None, kl_target: Optional[float] = None,
                   kl_horizon: float = 10_000.0, epochs: int = 1, minibatches: int = 1,
                   loss_agg: str = "seq_mean_token_mean", reward_clip: Optional[float] = 10.0,
-                  entropy_coef: float = 0.0, rehearsal_coef: float = 0.0) -> Callable:
+                  entropy_coef: float = 0.0, rehearsal_coef: float = 0.0,
+                  logprob_chunk: Optional[int] = None) -> Callable:
   """`step(state: PPOState, batch) -> (state, metrics)`: one policy update on a scored rollout.
 
   Args:
@@ -152,6 +153,8 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
       carries `advantages` [B] from `make_prepare_fn`; no critic state).
     critic_apply, critic_tx: the critic (required for "gae", unused otherwise).
     temperature: T of the sampled distribution softmax(logits / T).
+    logprob_chunk: compute log-probs `chunk` positions at a time without the [B, G, V] float32 logits
+      (`completion_logprobs(chunk=...)`; for 128k+ vocabularies).
     kl_in_reward: KL to the reference as a per-token reward penalty (True,
       InstructGPT) or as a loss term on the k-estimator (False, GRPO); default
       True for "gae", False otherwise. Its coefficient is `state.kl.kl_coef`.
@@ -182,7 +185,7 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
 
   def policy_loss_fn(params, mb, kl_coef, rehearsal=None):
     lp, ent = completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
-                                  temperature=temperature, with_entropy=True)
+                                  temperature=temperature, with_entropy=True, chunk=logprob_chunk)
     loss, metrics = losses.ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
                                            clip_eps=clip_eps, loss_agg=loss_agg, weights=mb["weights"])
     ent_mask = mb["completion_mask"] * (mb["weights"] > 0)[:, None]

@@ -208,3 +208,33 @@ def test_gae_requires_a_critic_and_unknown_advantages_are_rejected():
     make_ppo_step(bandit_apply, tx, prompt_len=1)
   with pytest.raises(ValueError, match="advantage"):
     make_ppo_step(bandit_apply, tx, prompt_len=1, advantage="vtrace")
+
+
+def test_chunked_log_probs_give_the_same_update():
+  """`logprob_chunk` (no [B, G, V] logits) changes nothing in the update: same log-probs, same gradients."""
+  from rlhf_jax import models  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.sampling import Sampler, SamplingParams  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.tokenizer import ByteTokenizer, encode_prompts  # pylint: disable=import-outside-toplevel
+  tok = ByteTokenizer()
+  cfg = models.get_model_config("tiny", n_layers=2, dim=64, mlp_dim=128)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  apply_fn = models.make_apply_fn(cfg)
+  pt, pm = encode_prompts(tok, ["abc", "de"], 8)
+  out = Sampler(cfg, SamplingParams(max_new_tokens=6, temperature=0.8, num_samples=2), eos_id=tok.eos_id,
+                pad_id=tok.pad_id)(params, pt, pm, jax.random.PRNGKey(1))
+  batch = {"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
+           "old_logprobs": out.completion_logprobs, "ref_logprobs": out.completion_logprobs - 0.1,
+           "advantages": jnp.asarray([1.0, -1.0, 0.5, -0.5]), "weights": jnp.ones(4), "scores": jnp.zeros(4)}
+  tx = optax.sgd(1.0)  # params move by exactly the gradient (Adam would amplify float32 summation-order noise)
+  results = []
+  for chunk in (None, 3):
+    state = PPOState(actor=create_train_state(params, tx, jax.random.PRNGKey(0)), critic=None,
+                     kl=losses.init_kl_controller(0.1))
+    step = jax.jit(make_ppo_step(apply_fn, tx, prompt_len=8, advantage="grpo", temperature=0.8, kl_estimator="k3",
+                                 logprob_chunk=chunk))
+    results.append(step(state, batch))
+  (a, ma), (b, mb) = results
+  for x, y in zip(jax.tree.leaves(a.actor.params), jax.tree.leaves(b.actor.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6)
+  for key in ("policy/loss", "policy/entropy", "policy/kl_loss", "policy/ratio_mean"):
+    np.testing.assert_allclose(float(ma[key]), float(mb[key]), rtol=1e-5, atol=1e-6)
