@@ -103,6 +103,19 @@ def test_runs_stages_in_order_and_writes_config(env, tmp_path):
   assert saved["stages"] == ["fake_stages_cli:first", "fake_stages_cli:second"]
 
 
+def test_unwritable_workdir_exits_2_and_a_second_run_keeps_the_first_config(env, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  p = _run(env, "--config=sft", _stages("first"), f"--workdir={blocker}/work")
+  assert p.returncode == 2 and "--workdir" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+  workdir = tmp_path / "work"
+  assert _run(env, "--config=sft", _stages("first"), "--config.sft.steps=31", f"--workdir={workdir}").returncode == 0
+  assert _run(env, "--config=sft", _stages("first"), "--config.sft.steps=50", f"--workdir={workdir}").returncode == 0
+  assert json.loads((workdir / "config.json").read_text())["sft"]["steps"] == 31  # the first run's, kept
+  kept = sorted(json.loads(f.read_text())["sft"]["steps"] for f in (workdir / "invocations").iterdir())
+  assert kept == [31, 50]
+
+
 def test_config_path_with_arg_and_default_workdir(env, tmp_path):
   cfg = tmp_path / "myexp.py"
   cfg.write_text(CUSTOM_CONFIG)
