@@ -6,10 +6,11 @@ Run (CPU, a few minutes):
 
 Any field can be overridden, e.g. `--config.sft.steps=50 --config.sft.batch_size=16`.
 
-Expected: the token cross-entropy (`train/loss` in runs/sft/metrics.jsonl)
-starts near ln(vocab) (≈ 5.5 for the byte vocabulary) and falls steadily; the
-eval loss tracks it. Plots land in runs/sft/*.png.
-TODO(lead): replace with the measured final loss once pipelines/sft.py runs.
+Expected: the token cross-entropy (`train/loss` in runs/sft/sft/metrics.jsonl:
+the stage writes under <workdir>/sft/) starts near ln(vocab) (≈ 5.5 for the byte
+vocabulary) and falls steadily; the eval loss tracks it. The plot is
+runs/sft/sft/loss.png, the parameters runs/sft/sft/final/.
+Measured (issue 2, RESULTS.md): loss 5.15 -> 0.052 in 300 steps, eval token accuracy 99.9%.
 """
 from experiments.configs.base import get_base_config
 
