@@ -38,7 +38,6 @@ from rlhf_jax import bon, losses, models, rollout
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpointing import Checkpointer, abstract_like
 from rlhf_jax.pipelines import bon as bon_stage, common, rm as rm_stage
-from rlhf_jax.pipelines.ppo import _drop_rows_after, _first_eval_row
 from rlhf_jax.steps import BONDState, completion_logprobs, create_bond_state, make_bond_step
 from rlhf_jax.tasks.base import success
 from rlhf_jax.utils import MetricsWriter, Progress, Timers, plot_metrics
@@ -116,7 +115,7 @@ def run_bond(config, workdir: str) -> dict[str, Any]:
     start_it = int(meta["iteration"])
     print(f"[bond] resumed at iteration {start_it}")
   metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  _drop_rows_after(metrics_path, start_it)
+  common.drop_rows_after(metrics_path, start_it)
 
   # --- compiled pieces -------------------------------------------------------------------
   lm_apply = models.make_apply_fn(cfg)
@@ -146,7 +145,7 @@ def run_bond(config, workdir: str) -> dict[str, Any]:
     initial = evaluate(state.policy.params)
     writer.write(0, initial)
   elif start_it > 0:
-    initial = _first_eval_row(metrics_path)
+    initial = common.first_eval_row(metrics_path)
   anchor_desc = f"hard copy every {bc.hard_anchor_every}" if bc.hard_anchor_every else f"EMA η={bc.eta}"
   print(f"[bond] {task.name}: {bc.variant} β={bc.beta} γ={bc.gamma} anchor {anchor_desc}, {p_count} prompts × "
         f"(1 policy + {k} anchor + {m} reference) samples, reward = {bc.reward_source}; held-out "

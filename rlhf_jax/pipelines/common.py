@@ -458,3 +458,18 @@ def fold(rng: jax.Array, *ints: int) -> jax.Array:
     rng = jax.random.fold_in(rng, i)
   return rng
 
+
+def drop_rows_after(path: str, step: int) -> None:
+  """A resumed run rewrites the steps after its checkpoint: drop their old metrics rows (never duplicated)."""
+  from rlhf_jax.utils import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
+  if os.path.exists(path):
+    metrics_lib.truncate_metrics(path, step)
+
+
+def first_eval_row(path: str) -> dict:
+  """The held-out evaluation logged before the first iteration (step 0), for a resumed run's summary."""
+  from rlhf_jax.utils import read_metrics  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    return {}
+  rows = [r for r in read_metrics(path) if "eval/success_rate" in r]
+  return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows and rows[0]["step"] == 0 else {}

@@ -147,8 +147,7 @@ def run_online_dpo(config, workdir: str) -> dict[str, Any]:
     initial = evaluate(state.params)
     writer.write(0, initial)
   elif start_round > 0:
-    from rlhf_jax.pipelines.ppo import _first_eval_row  # pylint: disable=import-outside-toplevel
-    initial = _first_eval_row(os.path.join(out_dir, "metrics.jsonl"))
+    initial = common.first_eval_row(os.path.join(out_dir, "metrics.jsonl"))
   print(f"[{STAGE}] {task.name}: {oc.rounds} rounds × {p_count} prompts × {k} samples at T={temperature}, "
         f"reward {oc.reward_source}, positives accuracy {'>' if oc.pos_strict else '≥'} {oc.pos_threshold}, "
         f"reference {ref_dir} ({oc.reference_update}, {oc.reference}); held-out ({len(held_out)} prompts) success "

@@ -157,7 +157,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
     state, meta = ckpt.restore(abstract_like(state, sharding=state_sh))
     start_it = int(meta["iteration"])
     print(f"[{stage}] resumed at iteration {start_it}")
-  _drop_rows_after(os.path.join(out_dir, "metrics.jsonl"), start_it)
+  common.drop_rows_after(os.path.join(out_dir, "metrics.jsonl"), start_it)
 
   # --- compiled pieces -------------------------------------------------------------------
   lm_apply = common.policy_apply_fn(config, cfg)  # over {"base", "lora"} with LoRA; samplers get merged params
@@ -197,7 +197,7 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
     initial = evaluate(state.actor.params)
     writer.write(0, initial)
   elif start_it > 0:
-    initial = _first_eval_row(os.path.join(out_dir, "metrics.jsonl"))
+    initial = common.first_eval_row(os.path.join(out_dir, "metrics.jsonl"))
   reward_desc = f"the learned {pc.reward_source.upper()}" if use_rm else ("the task's grade" + (
       f" + {pc.reward_noise_shape} noise (std {pc.reward_noise})" if pc.reward_noise else ""))
   print(f"[{stage}] {task.name}: {advantage} advantages, strategy {ac.strategy}, {p_count} prompts × {n} samples at "
@@ -314,18 +314,3 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
         f"{fmt(summary['initial_success_rate'])} -> {fmt(summary['final_success_rate'])}, greedy "
         f"{fmt(summary['initial_greedy'])} -> {fmt(summary['final_greedy'])}")
   return summary
-
-
-def _drop_rows_after(path: str, step: int) -> None:
-  """A resumed run rewrites the iterations after its checkpoint: drop their old rows (never duplicated)."""
-  from rlhf_jax.utils import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
-  if os.path.exists(path):
-    metrics_lib.truncate_metrics(path, step)
-
-
-def _first_eval_row(path: str) -> dict:
-  from rlhf_jax.utils import read_metrics  # pylint: disable=import-outside-toplevel
-  if not os.path.exists(path):
-    return {}
-  rows = [r for r in read_metrics(path) if "eval/success_rate" in r]
-  return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows and rows[0]["step"] == 0 else {}

@@ -38,7 +38,6 @@ from rlhf_jax.steps import make_rm_eval_step, make_rm_step, make_score_fn
 from rlhf_jax.tokenizer import encode_pairs
 from rlhf_jax.checkpointing import Checkpointer, abstract_like
 from rlhf_jax.utils import MetricsWriter, Progress, plot_metrics
-from rlhf_jax.utils import metrics as metrics_lib
 from rlhf_jax.utils.preemption import PreemptionGuard
 
 
@@ -186,7 +185,7 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
     state, meta = ckpt.restore(abstract_like(state, sharding=state_sh))
     start = int(meta["data_position"])
     print(f"[rm] resumed at step {start}")
-  metrics_lib.truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
+  common.drop_rows_after(os.path.join(out_dir, "metrics.jsonl"), start)
   loader = data.make_grain_loader(train_src, batch_size=bs, seed=config.seed, shuffle=True, num_epochs=None,
                                   start_index=start)
   writer = MetricsWriter(out_dir, tensorboard=config.logging.tensorboard)

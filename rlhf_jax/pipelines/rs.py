@@ -33,7 +33,6 @@ from rlhf_jax import models, rollout
 from rlhf_jax import sharding as shd
 from rlhf_jax.checkpointing import Checkpointer, abstract_like
 from rlhf_jax.pipelines import bon as bon_stage, common, rm as rm_stage
-from rlhf_jax.pipelines.ppo import _drop_rows_after, _first_eval_row
 from rlhf_jax.selection import best_of_n_mask, threshold_mask
 from rlhf_jax.steps import make_sft_step
 from rlhf_jax.tasks.base import success
@@ -105,7 +104,7 @@ def run_rs(config, workdir: str) -> dict[str, Any]:
     start = int(meta["round"])
     print(f"[rs] resumed after round {start}")
   metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  _drop_rows_after(metrics_path, start)
+  common.drop_rows_after(metrics_path, start)
 
   sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature, num_samples=n, mesh=mesh)
   eval_sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=temperature,
@@ -127,7 +126,7 @@ def run_rs(config, workdir: str) -> dict[str, Any]:
     initial = evaluate(state.params)
     writer.write(0, initial)
   else:
-    initial = _first_eval_row(metrics_path)
+    initial = common.first_eval_row(metrics_path)
   print(f"[rs] {task.name}: {rc.rounds} rounds of {p_count} prompts × {n} samples, {rc.selection} by "
         f"{rc.reward_source}, {rc.sft_steps} SFT steps each; held-out success "
         f"{initial.get('eval/success_rate', float('nan')):.3f}, greedy {initial.get('eval/greedy_success', float('nan')):.3f}")
