@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from experiments.configs.base import get_base_config
+from tiny_configs import tiny_config
 from rlhf_jax import losses, models
 from rlhf_jax.config import ConfigError, validate_config
 from rlhf_jax.models import ModelConfig
@@ -24,31 +25,15 @@ from rlhf_jax.utils import read_metrics
 
 
 def small_config():
-  c = get_base_config()
-  c.model.preset = "tiny"
-  c.model.n_layers = 2
-  c.model.dim = 64
-  c.model.mlp_dim = 128
+  c = tiny_config()
   c.task.name = "mixture"
   c.task.mixture_tasks = ("synthetic:reverse", "synthetic:double")
   c.task.mixture_weights = (1.0, 1.0)
   c.task.synthetic_max_len = 4
   c.task.num_train = 200
   c.task.num_eval = 20
-  c.task.max_prompt_len = 20
   c.task.max_response_len = 10
-  c.sft.steps = 40
-  c.sft.batch_size = 16
-  c.sft.eval_every = 20
-  c.sft.eval_batches = 1
-  c.sft.optimizer.learning_rate = 3e-3
-  c.rm.num_prompts = 16  # 4 held out
-  c.rm.samples_per_prompt = 4
-  c.rm.include_reference = True
-  c.rm.eval_fraction = 0.25
   c.rm.steps = 8
-  c.rm.batch_size = 8
-  c.rm.optimizer.learning_rate = 1e-3
   c.algo.advantage = "gae"
   c.algo.strategy = "none"
   c.algo.minibatches = 2
@@ -65,11 +50,7 @@ def small_config():
   c.sr.clusters = 2
   c.sr.per_cluster = 2
   c.sr.expert_eval = True
-  c.checkpoint.every_steps = 10
-  c.checkpoint.async_save = False
   c.logging.every_steps = 4
-  c.logging.progress = False
-  c.logging.tensorboard = False
   c.stages = ("sft", "am", "ppo")
   validate_config(c, get_base_config(), device_count=jax.device_count())
   return c

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import get_base_config
+from tiny_configs import tiny_config
 from rlhf_jax import bon, models, rollout
 from rlhf_jax.config import validate_config
 from rlhf_jax.pipelines import bon as bon_stage, bond, common, rm, rs, sft
@@ -23,29 +24,8 @@ from rlhf_jax.utils import read_metrics
 
 
 def small_config():
-  c = get_base_config()
-  c.model.preset = "tiny"
-  c.model.n_layers = 2
-  c.model.dim = 64
-  c.model.mlp_dim = 128
-  c.task.name = "synthetic"
-  c.task.synthetic_max_len = 5
-  c.task.num_train = 400
-  c.task.num_eval = 40
-  c.task.max_prompt_len = 20
-  c.task.max_response_len = 8
+  c = tiny_config()
   c.sft.steps = 20
-  c.sft.batch_size = 16
-  c.sft.eval_every = 20
-  c.sft.eval_batches = 1
-  c.sft.optimizer.learning_rate = 3e-3
-  c.rm.num_prompts = 16  # 4 held out
-  c.rm.samples_per_prompt = 4
-  c.rm.include_reference = True
-  c.rm.eval_fraction = 0.25
-  c.rm.steps = 12
-  c.rm.batch_size = 8
-  c.rm.optimizer.learning_rate = 1e-3
   c.bon.ns = (1, 2, 4)
   c.bon.num_prompts = 8
   c.bon.rollout_batch = 8
@@ -67,11 +47,6 @@ def small_config():
   c.bond.checkpoint_every = 1
   c.bond.rollout_batch = 8
   c.bond.eta = 0.1
-  c.checkpoint.every_steps = 10
-  c.checkpoint.async_save = False
-  c.logging.every_steps = 5
-  c.logging.progress = False
-  c.logging.tensorboard = False
   c.stages = ("sft", "bon", "rs", "bond")
   validate_config(c, get_base_config(), device_count=jax.device_count())
   return c

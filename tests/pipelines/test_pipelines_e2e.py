@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import get_base_config
+from tiny_configs import tiny_config
 from rlhf_jax import models
 from rlhf_jax.config import validate_config
 from rlhf_jax.pipelines import common, grpo, ppo, rm, sft
@@ -22,29 +23,7 @@ from rlhf_jax.utils import read_metrics
 
 
 def small_config():
-  c = get_base_config()
-  c.model.preset = "tiny"
-  c.model.n_layers = 2
-  c.model.dim = 64
-  c.model.mlp_dim = 128
-  c.task.name = "synthetic"
-  c.task.synthetic_max_len = 5
-  c.task.num_train = 400
-  c.task.num_eval = 40
-  c.task.max_prompt_len = 20
-  c.task.max_response_len = 8
-  c.sft.steps = 40
-  c.sft.batch_size = 16
-  c.sft.eval_every = 20
-  c.sft.eval_batches = 1
-  c.sft.optimizer.learning_rate = 3e-3
-  c.rm.num_prompts = 16  # 4 held out
-  c.rm.samples_per_prompt = 4
-  c.rm.include_reference = True
-  c.rm.eval_fraction = 0.25
-  c.rm.steps = 12
-  c.rm.batch_size = 8
-  c.rm.optimizer.learning_rate = 1e-3
+  c = tiny_config()
   c.algo.strategy = "best_random"
   c.algo.minibatches = 2
   c.ppo.iterations = 2
@@ -55,11 +34,6 @@ def small_config():
   c.ppo.eval_prompts = 8
   c.ppo.eval_samples = 2
   c.ppo.checkpoint_every = 1
-  c.checkpoint.every_steps = 10
-  c.checkpoint.async_save = False
-  c.logging.every_steps = 5
-  c.logging.progress = False
-  c.logging.tensorboard = False
   c.stages = ("sft", "rm", "ppo")
   validate_config(c, get_base_config(), device_count=jax.device_count())
   return c
