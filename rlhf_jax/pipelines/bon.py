@@ -52,6 +52,14 @@ def task_scorer(task) -> Scorer:
   return lambda ro: rollout.grade(task, ro.records, ro.texts, n=ro.n).astype(np.float32)
 
 
+def make_scorer(source: str, config, workdir: str, mesh, task, cfg: models.ModelConfig) -> Scorer:
+  """The reward of the bon / rs / bond stages: the workdir's reward model ("rm") or the task's grade ("task")."""
+  if source == "rm":
+    rm_params, _ = rm_stage.load_reward_model(config, workdir, mesh)
+    return rm_scorer(rm_params, cfg)
+  return task_scorer(task)
+
+
 def sample_scored(sampler, params: Any, tok, records: Sequence[dict], score_fn: Scorer, *, max_prompt_len: int,
                   rng: jax.Array, batch_size: Optional[int] = None, mesh=None) -> tuple[list[str], np.ndarray]:
   """N completions per record and their rewards: (texts [R·N] record-major, rewards [R, N]).
@@ -189,11 +197,7 @@ def run_bon(config, workdir: str) -> dict[str, Any]:
   cfg = common.model_config(config)
   params_dir = bc.params_dir or sft.final_params_dir(workdir)
   params, _ = common.load_params(params_dir, models.abstract_params(cfg), common.param_shardings(cfg, mesh))
-  if bc.reward_source == "rm":
-    rm_params, _ = rm_stage.load_reward_model(config, workdir, mesh)
-    score_fn = rm_scorer(rm_params, cfg)
-  else:
-    score_fn = task_scorer(task)
+  score_fn = make_scorer(bc.reward_source, config, workdir, mesh, task, cfg)
   records = rollout.load_fitted(task, tok, task.eval_split, max_prompt_len=plen, stage="bon")[:bc.num_prompts]
   sampler = rollout.make_sampler(cfg, tok, max_new_tokens=rlen, temperature=config.sampling.temperature,
                                  top_k=config.sampling.top_k, top_p=config.sampling.top_p, num_samples=m, mesh=mesh)

@@ -90,11 +90,7 @@ def run_bond(config, workdir: str) -> dict[str, Any]:
   tok = common.tokenizer(config)
   task = common.make_task(config, workdir)
   cfg, sft_params = rm_stage.load_sft_policy(config, workdir, mesh)
-  if bc.reward_source == "rm":
-    rm_params, _ = rm_stage.load_reward_model(config, workdir, mesh)
-    score_fn = bon_stage.rm_scorer(rm_params, cfg)
-  else:
-    score_fn = bon_stage.task_scorer(task)
+  score_fn = bon_stage.make_scorer(bc.reward_source, config, workdir, mesh, task, cfg)
   train = rollout.load_fitted(task, tok, "train", max_prompt_len=plen, stage="bond")
   held_out = rollout.load_fitted(task, tok, task.eval_split, max_prompt_len=plen, stage="bond")[:bc.eval_prompts]
   order = np.random.default_rng(config.seed + 7).permutation(len(train))
