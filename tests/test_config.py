@@ -33,7 +33,7 @@ def _error(config, device_count=None, **kwargs) -> ConfigError:
 def test_base_and_named_configs_are_valid(config):
   validate_config(config, base.get_base_config(), device_count=8)  # raises if not
   import importlib  # pylint: disable=import-outside-toplevel
-  for name in ("sft", "pfppo", "grpo", "eval", "bon", "rs", "bond", "am", "am_sr", "autoif", "dpo", "online_dpo"):
+  for name in ("sft", "pfppo", "pfppo_rm", "grpo", "eval", "bon", "rs", "bond", "am", "am_sr", "autoif", "dpo", "online_dpo"):
     named = importlib.import_module(f"experiments.configs.{name}").get_config()
     for devices in (1, 8):
       validate_config(named, base.get_base_config(), device_count=devices)

@@ -1,21 +1,24 @@
 r"""RL on the testbed, over seeds: GRPO and PPO with the exact reward, and the PF-PPO strategy comparison.
 
   python experiments/benchmarks/rl_testbed.py core --workdir=runs/testbed --seeds 0 1 2
-  python experiments/benchmarks/rl_testbed.py strategies --workdir=runs/testbed --seeds 0 1 2
+  python experiments/benchmarks/rl_testbed.py strategies --workdir=runs/testbed --seeds 0 1 2 --tag rm \
+      --config pfppo_rm.py --base runs/testbed/base_rm
+  python experiments/benchmarks/rl_testbed.py strategies --workdir=runs/testbed --seeds 0 1 2 --tag exact
   python experiments/benchmarks/rl_testbed.py strategies --workdir=runs/testbed --seeds 0 1 2 --tag noisy \
-      --override ppo.reward_source=task --override ppo.reward_noise=0.5 --override ppo.reward_noise_shape=midrange
+      --override ppo.reward_noise=0.5 --override ppo.reward_noise_shape=midrange
 
-A shared base (`<workdir>/base`: the testbed SFT of grpo.py/pfppo.py and the reward
-model of pfppo.py, trained once; `--base DIR` reuses another) is symlinked into every
-run, so seeds vary the RL part only (prompt order, sampling, filtration) — the
-reused SFT the issue allows.
+A shared base (`<workdir>/base`: the testbed SFT of grpo.py/pfppo.py, and with
+`--config pfppo_rm.py` its reward model, trained once; `--base DIR` reuses another) is
+symlinked into every run, so seeds vary the RL part only (prompt order, sampling,
+filtration) — the reused SFT the issue allows.
 - `core`: the grpo stage (grpo.py) and the ppo stage with GAE + critic, both on the
   task's exact grade (`ppo.reward_source=task`), per seed; table of held-out T=1
   success and greedy success before/after, KL and wall time, and the held-out curves.
-- `strategies`: Table 1 (R² of the RM reward against the grade per strategy, r2 stage on
-  the SFT policy) and Table 2 (held-out success per strategy: PPO-S, PPO-M, BoN, BR, BW
-  with the learned RM, pfppo.py), per seed. With `--override` the same comparison runs
-  on another reward (e.g. the exact grade + mid-range noise, the §4.10 mechanism test).
+- `strategies`: Table 2 (held-out success per strategy: PPO-S, PPO-M, BoN, BR, BW) per
+  seed, on the reward of `--config`: pfppo.py (default) trains on the exact grade (with
+  `--override` e.g. the grade + mid-range noise, the §4.10 mechanism test); pfppo_rm.py on
+  the learned RM, and then also Table 1 (R² of the RM reward against the grade per
+  strategy, r2 stage on the SFT policy).
 Writes `<workdir>/<mode>[_<tag>].json`, `.png` and prints the markdown tables for
 experiments/RESULTS.md; finished runs are reused (the harness resumes).
 """
@@ -86,6 +89,8 @@ def main() -> int:
   parser.add_argument("--override", action="append", default=[], help="a.b=v passed to every RL run")
   parser.add_argument("--tag", default="", help="suffix of the output files and run directories")
   parser.add_argument("--base", default=None, help="finished SFT (+ RM) workdir to start from")
+  parser.add_argument("--config", default="pfppo.py", choices=("pfppo.py", "pfppo_rm.py"),
+                      help="strategies: the PF-PPO config (exact grade, or the learned RM)")
   args = parser.parse_args()
   workdir = os.path.abspath(args.workdir)
   base = os.path.abspath(args.base) if args.base else os.path.join(workdir, "base")
@@ -95,9 +100,10 @@ def main() -> int:
   tag = f"_{args.tag}" if args.tag else ""
 
   print("[base] SFT + reward model (shared)", flush=True)
-  base_stages = "('sft','rm')" if args.mode == "strategies" else "('sft',)"
-  if not os.path.exists(os.path.join(base, "rm" if args.mode == "strategies" else "sft", "summary.json")):
-    run("pfppo.py", base, {**quiet, "stages": base_stages}, [], log)
+  with_rm = args.mode == "strategies" and args.config == "pfppo_rm.py"
+  if not os.path.exists(os.path.join(base, "rm" if with_rm else "sft", "summary.json")):
+    run(args.config if with_rm else "pfppo.py", base, {**quiet, "stages": "('sft','rm')" if with_rm else "('sft',)"},
+        [], log)
 
   methods = args.methods or list(CORE if args.mode == "core" else STRATEGIES)
   results: dict[str, list[dict]] = {}
@@ -107,13 +113,13 @@ def main() -> int:
         config, stage, over = CORE[name]
         over = dict(over)
       else:
-        config, stage, over = "pfppo.py", "ppo", dict(STRATEGIES[name])
+        config, stage, over = args.config, "ppo", dict(STRATEGIES[name])
         if over.pop("_ppo_s", False):  # as many sampled responses per iteration as the N-sample variants
           over["ppo.prompts_per_iteration"] = 16 * 5
       run_dir = os.path.join(workdir, f"{args.mode}{tag}", f"{name}_seed{seed}")
       os.makedirs(run_dir, exist_ok=True)
       # core: the exact reward, and a critic from the SFT backbone (no RM in the loop at all)
-      for sub in ("sft", "data") if args.mode == "core" else ("sft", "rm", "data"):
+      for sub in ("sft", "rm", "data") if with_rm else ("sft", "data"):
         link(os.path.join(base, sub), os.path.join(run_dir, sub))
       summary_path = os.path.join(run_dir, stage, "summary.json")
       if not os.path.exists(summary_path):
@@ -134,12 +140,13 @@ def main() -> int:
         f"{np.mean(gains):+.1f} ± {np.std(gains):.1f} | {np.mean([r['initial_greedy'] for r in runs]):.3f} → "
         f"{mean_std([r['final_greedy'] for r in runs])} | {np.mean([r['final_kl'] for r in runs]):.2f} / "
         f"{np.mean([r['final_kl_k3'] for r in runs]):.2f} | {np.mean([r['wall_s'] for r in runs]):.0f} |")
-  out = {"mode": args.mode, "seeds": args.seeds, "overrides": args.override, "results": results}
+  out = {"mode": args.mode, "config": args.config, "seeds": args.seeds, "overrides": args.override,
+         "results": results}
   table1 = []
-  if args.mode == "strategies":
+  if with_rm:
     r2_path = os.path.join(base, "r2", "table.json")
     if not os.path.exists(r2_path):
-      run("pfppo.py", base, {**quiet, "stages": "('r2',)", "eval.params_dir": os.path.join(base, "sft", "final"),
+      run(args.config, base, {**quiet, "stages": "('r2',)", "eval.params_dir": os.path.join(base, "sft", "final"),
                              "eval.num_problems": 128}, [], log)
     with open(r2_path) as f:
       r2 = json.load(f)

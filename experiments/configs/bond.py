@@ -4,7 +4,7 @@ Run (2 CPU cores; numbers in experiments/RESULTS.md):
 
   python -m experiments.run --config=bond.py --workdir=runs/bond
 
-The testbed is grpo.py's (a finished SFT/RM of pfppo.py serves: symlink sft/, rm/, data/).
+The testbed is grpo.py's (a finished SFT/RM of pfppo_rm.py serves: symlink sft/, rm/, data/).
 Each iteration draws 1 policy sample and 2 anchor samples (EMA anchor inside the state)
 for 16 train prompts, plus 4 samples of the SFT reference for the quantile metrics, and
 takes one J-BOND step. `bond/summary.json` reports the held-out T=1 and greedy success
@@ -16,13 +16,13 @@ BOND with hard anchor copies), --config.bond.variant=bond --config.bond.anchor_s
 The reward–KL frontier against REINFORCE (RLOO) and best-of-N:
 experiments/benchmarks/bond_frontier.py.
 """
-from experiments.configs import grpo, pfppo
+from experiments.configs import grpo, pfppo_rm
 from experiments.configs.base import get_base_config
 
 
 def get_config():
   config = grpo.testbed(get_base_config())
-  config.rm = pfppo.get_config().rm  # the RM settings of pfppo.py: one RM serves both
+  config.rm = pfppo_rm.get_config().rm  # the RM settings of pfppo_rm.py: one RM serves both
   config.stages = ("sft", "rm", "bond")
   config.algo.name = "jbond"
   config.bond.iterations = 100

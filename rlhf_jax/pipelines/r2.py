@@ -7,7 +7,7 @@ reward model, grades them with the task, and reports binned (the paper's) and
 unbinned R² over the samples each strategy keeps. Writes
 `<workdir>/r2/table.json` and `<workdir>/r2/r2.png`.
 
-  python -m experiments.run --config=pfppo.py --workdir=runs/pfppo --config.stages="('r2',)"
+  python -m experiments.run --config=pfppo_rm.py --workdir=runs/pfppo_rm --config.stages="('r2',)"
 """
 
 from __future__ import annotations
