@@ -77,7 +77,8 @@ def quantile_metrics(policy_r_P: np.ndarray, anchor_r_PxK: np.ndarray, ref_r_PxM
 def run_bond(config, workdir: str) -> dict[str, Any]:
   out_dir = common.stage_dir(workdir, "bond")
   common.check_provenance(out_dir, config, "bond")
-  if common.has_params(final_params_dir(workdir)):
+  # finished = final parameters *and* summary: a run stopped between the two redoes its end from the checkpoint
+  if common.has_params(final_params_dir(workdir)) and os.path.exists(os.path.join(out_dir, "summary.json")):
     print(f"[bond] reusing the finished stage in {final_params_dir(workdir)}")
     with open(os.path.join(out_dir, "summary.json")) as f:
       return {"reused": True, **json.load(f)}

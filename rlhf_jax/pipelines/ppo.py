@@ -76,7 +76,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   out_dir = common.stage_dir(workdir, stage)
   common.check_provenance(out_dir, config, "ppo_am" if config.ppo.reward_source == "am" else "ppo")
   pc, ac = config.ppo, config.algo
-  if common.has_params(final_params_dir(workdir, stage)):
+  # finished = final parameters *and* summary: a run stopped between the two redoes its end from the checkpoint
+  if common.has_params(final_params_dir(workdir, stage)) and os.path.exists(os.path.join(out_dir, "summary.json")):
     print(f"[{stage}] reusing the finished stage in {final_params_dir(workdir, stage)}")
     import json  # pylint: disable=import-outside-toplevel
     with open(os.path.join(out_dir, "summary.json")) as f:

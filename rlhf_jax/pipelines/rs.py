@@ -63,7 +63,8 @@ def select(rewards_PxN: np.ndarray, *, selection: str, threshold=None) -> np.nda
 def run_rs(config, workdir: str) -> dict[str, Any]:
   out_dir = common.stage_dir(workdir, "rs")
   common.check_provenance(out_dir, config, "rs")
-  if common.has_params(final_params_dir(workdir)):
+  # finished = final parameters *and* summary: a run stopped between the two redoes its end from the checkpoint
+  if common.has_params(final_params_dir(workdir)) and os.path.exists(os.path.join(out_dir, "summary.json")):
     print(f"[rs] reusing the finished stage in {final_params_dir(workdir)}")
     with open(os.path.join(out_dir, "summary.json")) as f:
       return {"reused": True, **json.load(f)}

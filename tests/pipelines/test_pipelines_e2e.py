@@ -176,6 +176,16 @@ def test_grpo_learns_resumes_bitwise_and_writes_its_summary(tmp_path, monkeypatc
   assert rows == [1, 2, 3, 4]  # the rows of the lost iteration are not repeated
   assert os.path.getsize(os.path.join(crashed, "grpo", "grpo.png")) > 0
 
+  # Stopped after the final parameters were written but before the summary: the rerun finishes the stage
+  # (from its checkpoint) instead of failing on the missing summary, and changes nothing it had.
+  os.remove(os.path.join(crashed, "grpo", "summary.json"))
+  again = grpo.run_grpo(config, crashed)
+  assert not again.get("reused") and os.path.exists(os.path.join(crashed, "grpo", "summary.json"))
+  for a, b in zip(jax.tree.leaves(load(straight)), jax.tree.leaves(load(crashed))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  rows = [r["step"] for r in read_metrics(os.path.join(crashed, "grpo", "metrics.jsonl")) if "kl/ref" in r]
+  assert rows == [1, 2, 3, 4]
+
 
 def test_eval_and_r2_stages_report(pfppo_run):
   from rlhf_jax.pipelines import eval as eval_stage, r2  # pylint: disable=import-outside-toplevel
