@@ -4,12 +4,19 @@
 
 - `prefill(params, prompt_tokens_BxP, prompt_mask_BxP, rng)` runs the
   left-padded prompts through the model once, writing their keys/values into
-  a cache sized for the whole buffer (P + G slots), then repeats that cache
-  for the N samples of each prompt and draws every sample's first token.
-- `decode(params, state)` runs a `lax.while_loop` over the remaining tokens,
-  one slot per iteration, until every row has emitted EOS or G tokens exist.
+  a P-slot cache, then repeats that cache for the N samples of each prompt and
+  draws every sample's first token.
+- `decode(params, state)` runs the remaining tokens, one slot per iteration,
+  until every row has emitted EOS or G tokens exist, as a few `lax.while_loop`
+  segments (`decode_segments`): segment j's cache holds only the slots that
+  its steps can reach, so early steps attend over the filled part of the
+  buffer, not all P + G slots; the cache grows (one copy) between segments.
   The decode state (token buffers and the KV cache) is donated, so XLA
   updates it in place.
+
+The cache is one `[R, Hkv, S, Dh]` buffer per layer and the layers run
+unrolled on per-layer parameters sliced once per call (`models.transformer`
+explains why: no per-step copy of the cache or of the weights).
 
 Rows are prompt-major: sample n of prompt p is row `p * N + n`.
 
@@ -33,7 +40,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import Transformer, positions_from_mask
+from rlhf_jax.models.logprobs import unembedding
+from rlhf_jax.models.transformer import Transformer, init_cache, positions_from_mask, unscan_params
 from rlhf_jax import sharding as shd
 
 
@@ -54,7 +62,7 @@ class DecodeState(NamedTuple):
   logprobs: jax.Array    # [R, G]
   done: jax.Array        # [R] bool
   positions: jax.Array   # [R] RoPE position of the next token to feed
-  cache: Any             # {"k","v"}: [L, R, S, Hkv, Dh]
+  cache: Any             # per layer {"k","v"}: [R, Hkv, S', Dh], S' <= S the slots this segment reaches
   rng: jax.Array
 
 
@@ -95,20 +103,48 @@ def filter_logits(logits_RxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
   return logits_RxV
 
 
-def sample_token(logits_RxV: jax.Array, rng: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+DRAWS = ("gumbel", "inverse_cdf")
+
+
+def sample_token(logits_RxV: jax.Array, rng: jax.Array, params: SamplingParams, *,
+                 draw: str = "gumbel") -> tuple[jax.Array, jax.Array]:
   """Draw one token per row; return (token [R], its log-prob under the sampled distribution [R]).
 
   The sampled distribution is softmax(filter(logits / T)); greedy (T = 0) returns log softmax(logits).
+  `draw` is how: "gumbel" (`jax.random.categorical`, the default and the stream earlier
+  runs reproduce) or "inverse_cdf" (`_inverse_cdf_draw`: same distribution, other draws, R
+  random numbers instead of R·V; faster on CPU).
   """
   logits = logits_RxV.astype(jnp.float32)
   if params.temperature == 0.0:
+    logp = jax.nn.log_softmax(logits, axis=-1)
     token = jnp.argmax(logits, axis=-1)
-    dist = logits
   else:
     dist = filter_logits(logits / params.temperature, top_k=params.top_k, top_p=params.top_p)
-    token = jax.random.categorical(rng, dist, axis=-1)
-  logp = jax.nn.log_softmax(dist, axis=-1)
+    logp = jax.nn.log_softmax(dist, axis=-1)
+    if draw == "inverse_cdf":
+      token = _inverse_cdf_draw(jnp.exp(logp), rng)
+    else:
+      token = jax.random.categorical(rng, dist, axis=-1)
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def _inverse_cdf_draw(probs_RxV: jax.Array, rng: jax.Array) -> jax.Array:
+  """One token per row drawn from `probs_RxV` by inverting its CDF at one uniform per row.
+
+  Exact in distribution, like Gumbel-max (`jax.random.categorical`), but it
+  needs R random numbers instead of R·V: on CPU the threefry bits for a
+  [32, 260] Gumbel draw took ~180 us a step, most of a tiny model's step.
+  Token i is drawn when cdf[i-1] <= u·cdf[-1] < cdf[i]; a zero-probability
+  token has an empty interval, and the clamp to the last positive entry covers
+  u·cdf[-1] rounding up to cdf[-1].
+  """
+  cdf = jnp.cumsum(probs_RxV, axis=-1)
+  u = jax.random.uniform(rng, (probs_RxV.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  token = jnp.sum(cdf <= u, axis=-1)
+  v = probs_RxV.shape[-1]
+  last_positive = v - 1 - jnp.argmax(probs_RxV[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(token, last_positive)
 
 
 class Sampler:
@@ -117,18 +153,32 @@ class Sampler:
   Usage: `out = Sampler(cfg, params_sp, eos_id=..., pad_id=...)(params, prompt_tokens, prompt_mask, rng)`.
   With a `mesh`, the batch and cache are sharded over ("data","fsdp") and the
   cache's KV heads over "tensor", matching the parameters' layout.
+  `decode_segments` (None or 0: one per 32 new tokens, at most 4) is the number
+  of decode loops, each attending over only the cache slots its steps can reach.
+  `draw` picks the sampling algorithm (`sample_token`); it changes which tokens a
+  key draws, not their distribution.
   """
 
   def __init__(self, cfg: ModelConfig, sampling: SamplingParams, *, eos_id: int, pad_id: int,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, decode_segments: Optional[int] = None, draw: str = "gumbel"):
     self.cfg = cfg
     self.sampling = sampling
     self.eos_id = int(eos_id)
     self.pad_id = int(pad_id)
     self.mesh = mesh
-    self.model = Transformer(cfg, head="lm")
+    g = sampling.max_new_tokens
+    # Default: one segment per 32 decode steps, at most 4 (each segment is one more compiled loop).
+    self.decode_segments = int(decode_segments) if decode_segments else min(4, max(1, (g - 1) // 32))
+    if self.decode_segments <= 0:
+      raise ValueError(f"decode_segments must be positive, got {decode_segments}")
+    if draw not in DRAWS:
+      raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
+    self.draw = draw
+    self.model = Transformer(dataclasses.replace(cfg, scan_layers=False), head="lm")
     self.trace_counts = {"prefill": 0, "decode": 0}
     self._prefill = jax.jit(self._prefill_impl)
+    # The token buffers are donated (updated in place); the prompt cache is not:
+    # the decode loops grow it into new buffers, so it has no output to alias.
     self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
 
   # -- sharding helpers ------------------------------------------------------
@@ -138,10 +188,20 @@ class Sampler:
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
   def _constrain_state(self, st: DecodeState) -> DecodeState:
+    if self.mesh is None:
+      return st
     b = shd.BATCH_AXES
-    cache = jax.tree.map(lambda c: self._constrain(c, P(None, b, None, "tensor", None)), st.cache)
+    cache = jax.tree.map(lambda c: self._constrain(c, P(b, "tensor", None, None)), st.cache)
     return st._replace(tokens=self._constrain(st.tokens, P(b, None)), mask=self._constrain(st.mask, P(b, None)),
                        logprobs=self._constrain(st.logprobs, P(b, None)), cache=cache)
+
+  def segment_lengths(self, prompt_len: int) -> list[int]:
+    """Cache slots of each decode segment: segment j runs the steps that feed slots < its length."""
+    g, n = self.sampling.max_new_tokens, self.decode_segments
+    s = prompt_len + g
+    # Steps 1..g-1 feed slots p..p+g-2; split them into n near-equal runs.
+    ends = sorted({prompt_len + 1 + -(-(g - 1) * (j + 1) // n) - 1 for j in range(n)})
+    return [min(e, s) for e in ends if e > prompt_len] or [s]
 
   # -- compiled pieces -------------------------------------------------------
   def _prefill_impl(self, params, prompt_tokens_BxP, prompt_mask_BxP, rng):
@@ -152,19 +212,20 @@ class Sampler:
     s = p + g
     if s > self.cfg.max_seq_len:
       raise ValueError(f"prompt length {p} + max_new_tokens {g} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
-    kv_mask_BxS = jnp.pad(prompt_mask_BxP, ((0, 0), (0, g)))
-    shape = (self.cfg.n_layers, b, s, self.cfg.n_kv_heads, self.cfg.head_dim)
-    cache = {"k": jnp.zeros(shape, jnp.dtype(self.cfg.dtype)), "v": jnp.zeros(shape, jnp.dtype(self.cfg.dtype))}
-    logits, cache = self.model.apply({"params": params}, prompt_tokens_BxP, prompt_mask_BxP,
+    cache = init_cache(self.cfg, b, p)
+    hidden, cache = self.model.apply({"params": unscan_params(self.cfg, params)}, prompt_tokens_BxP, prompt_mask_BxP,
                                      positions_BxT=positions_from_mask(prompt_mask_BxP), cache=cache,
-                                     cache_index=0, kv_mask_BxS=kv_mask_BxS)
+                                     cache_index=0, kv_mask_BxS=prompt_mask_BxP, return_hidden=True)
+    # Only the last position's logits are needed: B·D·V head FLOPs instead of B·P·D·V.
+    dt = jnp.dtype(self.cfg.dtype)
+    last_logits = jnp.dot(hidden[:, -1, :], unembedding(params, self.cfg).astype(dt))
     rep = lambda x: jnp.repeat(x, n, axis=0)  # the prompt is computed once, shared by its N samples
-    last_logits = rep(logits[:, -1, :])
+    last_logits = rep(last_logits)
     tokens = jnp.pad(rep(prompt_tokens_BxP), ((0, 0), (0, g)), constant_values=self.pad_id)
-    mask = rep(kv_mask_BxS)
-    cache = jax.tree.map(lambda c: jnp.repeat(c, n, axis=1), cache)
+    mask = rep(jnp.pad(prompt_mask_BxP, ((0, 0), (0, g))))
+    cache = jax.tree.map(rep, cache)
     rng, sub = jax.random.split(rng)
-    token, logp = sample_token(last_logits, sub, sp)
+    token, logp = sample_token(last_logits, sub, sp, draw=self.draw)
     r = b * n
     st = DecodeState(
         step=jnp.array(1, jnp.int32),
@@ -178,39 +239,59 @@ class Sampler:
     )
     return self._constrain_state(st)
 
-  def _decode_impl(self, params, st: DecodeState):
+  def _decode_impl(self, params, st: DecodeState, cache):
+    """Decode from the prefill's state (its cache passed apart); returns the state without a cache."""
     self.trace_counts["decode"] += 1
+    st = st._replace(cache=cache)
     sp = self.sampling
     g = sp.max_new_tokens
     p = st.tokens.shape[1] - g
+    # Sliced per layer once, outside the loops; matrices cast to the compute dtype once too (the
+    # model casts each one at use, so this is the same arithmetic without a per-step conversion pass).
+    dt = jnp.dtype(self.cfg.dtype)
+    layer_params = {"params": jax.tree.map(lambda x: x.astype(dt) if x.ndim >= 2 else x,
+                                           unscan_params(self.cfg, params))}
 
-    def cond(st):
-      return (st.step < g) & ~jnp.all(st.done)
+    def segment(st: DecodeState, length: int) -> DecodeState:
+      last_step = length - p  # this segment's steps feed slots p + step - 1 < length
 
-    def body(st):
-      slot = p + st.step - 1                           # slot of the token fed now
-      fed = jax.lax.dynamic_slice_in_dim(st.tokens, slot, 1, axis=1)
-      fed_mask = jax.lax.dynamic_slice_in_dim(st.mask, slot, 1, axis=1)
-      logits, cache = self.model.apply({"params": params}, fed, fed_mask, positions_BxT=st.positions[:, None],
-                                       cache=st.cache, cache_index=slot, kv_mask_BxS=st.mask)
-      rng, sub = jax.random.split(st.rng)
-      token, logp = sample_token(logits[:, 0, :], sub, sp)
-      alive = ~st.done
-      token = jnp.where(alive, token, self.pad_id)
-      new = DecodeState(
-          step=st.step + 1,
-          tokens=jax.lax.dynamic_update_slice_in_dim(st.tokens, token[:, None], slot + 1, axis=1),
-          mask=jax.lax.dynamic_update_slice_in_dim(st.mask, alive[:, None].astype(st.mask.dtype), slot + 1, axis=1),
-          logprobs=jax.lax.dynamic_update_slice_in_dim(st.logprobs, jnp.where(alive, logp, 0.0)[:, None],
-                                                       st.step, axis=1),
-          done=st.done | (token == self.eos_id),
-          positions=st.positions + alive.astype(jnp.int32),
-          cache=cache,
-          rng=rng,
-      )
-      return self._constrain_state(new)
+      def cond(st):
+        return (st.step <= last_step) & (st.step < g) & ~jnp.all(st.done)
 
-    return jax.lax.while_loop(cond, body, st)
+      def body(st):
+        slot = p + st.step - 1                           # slot of the token fed now
+        fed = jax.lax.dynamic_slice_in_dim(st.tokens, slot, 1, axis=1)
+        fed_mask = jax.lax.dynamic_slice_in_dim(st.mask, slot, 1, axis=1)
+        logits, cache = self.model.apply(layer_params, fed, fed_mask, positions_BxT=st.positions[:, None],
+                                         cache=st.cache, cache_index=slot, kv_mask_BxS=st.mask[:, :length])
+        if sp.temperature == 0.0:
+          rng, sub = st.rng, None                        # greedy draws nothing
+        else:
+          rng, sub = jax.random.split(st.rng)
+        token, logp = sample_token(logits[:, 0, :], sub, sp, draw=self.draw)
+        alive = ~st.done
+        token = jnp.where(alive, token, self.pad_id)
+        new = DecodeState(
+            step=st.step + 1,
+            tokens=jax.lax.dynamic_update_slice_in_dim(st.tokens, token[:, None], slot + 1, axis=1),
+            mask=jax.lax.dynamic_update_slice_in_dim(st.mask, alive[:, None].astype(st.mask.dtype), slot + 1,
+                                                     axis=1),
+            logprobs=jax.lax.dynamic_update_slice_in_dim(st.logprobs, jnp.where(alive, logp, 0.0)[:, None],
+                                                         st.step, axis=1),
+            done=st.done | (token == self.eos_id),
+            positions=st.positions + alive.astype(jnp.int32),
+            cache=cache,
+            rng=rng,
+        )
+        return self._constrain_state(new)
+
+      grow = lambda c: jnp.pad(c, ((0, 0), (0, 0), (0, length - c.shape[2]), (0, 0)))
+      st = self._constrain_state(st._replace(cache=jax.tree.map(grow, st.cache)))
+      return jax.lax.while_loop(cond, body, st)
+
+    for length in self.segment_lengths(p):
+      st = segment(st, length)
+    return st._replace(cache=())
 
   # -- public ----------------------------------------------------------------
   def __call__(self, params, prompt_tokens_BxP, prompt_mask_BxP, rng) -> SampleOutput:
@@ -219,7 +300,8 @@ class Sampler:
     if prompt_tokens_BxP.ndim != 2 or prompt_tokens_BxP.shape != prompt_mask_BxP.shape:
       raise ValueError(f"prompt_tokens {prompt_tokens_BxP.shape} and prompt_mask {prompt_mask_BxP.shape} "
                        "must be equal [B, P] shapes")
-    st = self._decode(params, self._prefill(params, prompt_tokens_BxP, prompt_mask_BxP, rng))
+    st = self._prefill(params, prompt_tokens_BxP, prompt_mask_BxP, rng)
+    st = self._decode(params, st._replace(cache=()), st.cache)
     p = prompt_tokens_BxP.shape[1]
     completion_mask = st.mask[:, p:]
     return SampleOutput(tokens=st.tokens, mask=st.mask, completion_tokens=st.tokens[:, p:],

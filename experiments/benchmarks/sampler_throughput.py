@@ -9,6 +9,13 @@ reported time is the median of `--repeats` warm calls, the two sides timed in
 turns; our compile time (the first call minus a warm one) is reported
 separately.
 
+It also prints the decode's roofline (`roofline.py`): FLOPs and bytes of the
+decode by formula, the achieved rates, and the bounds measured in the same run
+(the matmul rate at the decode's [B, D] @ [D, F] shape, the read bandwidth at the
+step's working set), plus the per-step floor of the decode loop (the same
+sampler on a 1-layer, width-8 model: what the while_loop, sampling and buffer
+updates cost with almost no model).
+
     .venv-bench/bin/python experiments/benchmarks/sampler_throughput.py            # both sides
     .venv/bin/python experiments/benchmarks/sampler_throughput.py --presets tiny   # ours only
 """
@@ -32,7 +39,10 @@ def parse_args():
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=1)
-  ap.add_argument("--dtype", default="float32", help="our compute dtype (params stay float32)")
+  ap.add_argument("--dtype", default="float32", help="our compute dtype (params stay float32); bfloat16 was "
+                  "slower here even with avx512_bf16 (README)")
+  ap.add_argument("--decode-segments", type=int, default=0, help="Sampler decode_segments (0 = its default)")
+  ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
   ap.add_argument("--no-torch", action="store_true", help="skip the Hugging Face peer")
   return ap.parse_args()
 
@@ -45,7 +55,8 @@ def bench_ours(cfg, prompt, temperature, args):
   params = models.init_params(cfg, jax.random.PRNGKey(0))
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, temperature=temperature)
   # eos_id outside the vocabulary: every row generates all new tokens, as on the HF side.
-  sampler = sampling.Sampler(cfg, sp, eos_id=-1, pad_id=0)
+  sampler = sampling.Sampler(cfg, sp, eos_id=-1, pad_id=0, decode_segments=args.decode_segments or None,
+                             draw=args.draw)
   tokens = jnp.asarray(prompt, jnp.int32)
   mask = jnp.ones_like(tokens)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
@@ -63,7 +74,20 @@ def bench_ours(cfg, prompt, temperature, args):
   t0 = time.perf_counter()
   call()
   compile_s = max(first - (time.perf_counter() - t0), 0.0)
-  return call, compile_s, sampler
+  prefill = lambda: jax.block_until_ready(sampler._prefill(params, tokens, mask, next(keys)).tokens)
+  return call, compile_s, sampler, prefill
+
+
+def _loop_floor_ms(args) -> float:
+  """Milliseconds a decode step costs with (almost) no model: the loop's own per-step overhead."""
+  import dataclasses
+  import numpy as np
+  from rlhf_jax import models
+  cfg = dataclasses.replace(models.get_model_config("tiny"), n_layers=1, dim=8, n_heads=2, n_kv_heads=1, mlp_dim=8,
+                            vocab_size=16)
+  prompt = np.zeros((args.batch, args.prompt_len), np.int64) + 3
+  call = bench_ours(cfg, prompt, 1.0, args)[0]
+  return _common.time_calls(call, warmup=1, repeats=args.repeats)[0] / args.new_tokens * 1e3
 
 
 def bench_hf(cfg, prompt, temperature, args, torch):
@@ -96,11 +120,13 @@ def main():
 
   torch, why = (None, "--no-torch") if args.no_torch else _common.try_import_torch(args.threads)
   import jax
+  from experiments.benchmarks import roofline
   print(f"# sampler throughput: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
         f"threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}"
         + (f", torch {torch.__version__}" if torch else f", HF peer skipped: {why}"))
+  print(f"# cpu flags: {roofline.cpu_flags()}; our dtype {args.dtype}, draw {args.draw}")
   print(f"# load average at start: {_common.load_average()}")
-  rows = []
+  rows, roof_rows = [], []
   for preset in args.presets.split(","):
     cfg = models.get_model_config(preset, dtype=args.dtype)
     rng = np.random.default_rng(0)
@@ -108,7 +134,8 @@ def main():
     n_new = args.batch * args.new_tokens
     for temperature in (float(t) for t in args.temperatures.split(",")):
       fns = {}
-      fns["ours"], compile_s, sampler = bench_ours(cfg, prompt, temperature, args)
+      fns["ours"], compile_s, sampler, prefill = bench_ours(cfg, prompt, temperature, args)
+      prefill_s = _common.time_calls(prefill, warmup=1, repeats=args.repeats)[0]
       if torch is not None:
         fns["hf"] = bench_hf(cfg, prompt, temperature, args, torch)
       med = _common.time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
@@ -118,10 +145,20 @@ def main():
       rows.append([preset, mode, f"{n_new / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}", f"{compile_s:.1f}",
                    f"{n_new / hf_s:,.0f}" if hf_s else "n/a", f"{hf_s * 1e3:,.0f}" if hf_s else "n/a",
                    f"{hf_s / ours_s:.2f}x" if hf_s else "n/a"])
-      print(f"#   {preset} {mode}: ours {ours_s * 1e3:.0f} ms"
+      costs = roofline.phase_costs(cfg, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                   segment_lengths=sampler.segment_lengths(args.prompt_len))
+      peak, bw = roofline.decode_bounds(cfg, args.batch, args.prompt_len, args.new_tokens, {
+          "DRAM read bandwidth": roofline.read_bandwidth(2 ** 28)})
+      roof_rows.append(roofline.roofline_row(f"{preset} {mode}", "rollout decode", costs["rollout decode"],
+                                             max(ours_s - prefill_s, 1e-9), peak=peak, bandwidth=bw))
+      print(f"#   {preset} {mode}: ours {ours_s * 1e3:.0f} ms (prefill {prefill_s * 1e3:.1f} ms)"
             + (f", HF {hf_s * 1e3:.0f} ms" if hf_s else ""), file=sys.stderr, flush=True)
   print(_common.markdown_table(
       ["model", "mode", "ours tok/s", "ours ms", "ours compile s", "HF generate tok/s", "HF ms", "speed-up"], rows))
+  print(_common.markdown_table(roofline.ROOFLINE_HEADER, roof_rows))
+  floor = _loop_floor_ms(args)
+  print(f"# decode loop floor (1 layer, width 8, vocab 16, same batch/steps): {floor:.3f} ms a step, "
+        f"{floor * args.new_tokens:.1f} ms a call")
   print(f"# load average at end: {_common.load_average()}")
 
 

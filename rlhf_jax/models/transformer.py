@@ -14,10 +14,14 @@ Layout conventions
 - tokens_BxT sit in a fixed buffer. Prompts are left-padded, responses
   right-padded; `mask_BxT` marks real tokens. RoPE positions count real tokens
   (`cumsum(mask) - 1`), so padding never shifts a position.
-- A KV cache is a dict `{"k", "v"}` of `[L, B, S, Hkv, Dh]` arrays indexed by
-  buffer slot. A call with a cache writes its T tokens at `cache_index` and
-  attends to every valid slot at or before its own (`kv_mask_BxS` marks the
-  valid slots of the whole buffer).
+- A KV cache is a tuple with one dict `{"k", "v"}` of `[B, Hkv, S, Dh]` arrays
+  per layer, indexed by buffer slot (`init_cache`). A call with a cache writes
+  its T tokens at `cache_index` and attends to every valid slot at or before
+  its own (`kv_mask_BxS` marks the valid slots of the whole buffer). The cache
+  path runs the layers unrolled (`scan_layers=False`, params in the `layer_{i}`
+  layout, see `unscan_params`): each layer's cache is then its own buffer, which
+  a decode loop updates in place and the attention matmuls read directly, with
+  no per-step slice or transpose copy of the cache.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, cache, cache_index, layer):
+  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, cache, cache_index):
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -138,18 +142,24 @@ class Attention(nn.Module):
     q = apply_rope(q, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
     k = apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
 
-    if cache is not None:
-      # `cache` is the whole [L, B, S, Hkv, Dh] stack: writing only this layer's
-      # T new slots into it (rather than slicing the layer out and stacking the
-      # layers back) lets XLA update the loop-carried buffer in place, so a
-      # decode step moves O(T) cache bytes instead of copying the whole cache.
-      at = (layer, 0, cache_index, 0, 0)
-      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
-               "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
-      k = jax.lax.dynamic_index_in_dim(cache["k"], layer, 0, keepdims=False).astype(dt)
-      v = jax.lax.dynamic_index_in_dim(cache["v"], layer, 0, keepdims=False).astype(dt)
-
     b, t = q.shape[:2]
+    if cache is not None:
+      # This layer's cache {"k","v"}: [B, Hkv, S, Dh]. Heads before slots makes
+      # (b, k) the leading batch dims of both attention matmuls, so they read the
+      # (loop-carried, in-place updated) buffer as it is: the [B, S, Hkv, Dh]
+      # layout made XLA copy-transpose the whole layer cache at every step.
+      at = (0, 0, cache_index, 0)
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype), at),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype), at)}
+      q = q.reshape(b, t, kvh, h // kvh, hd).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
+      scores = jnp.einsum("bkgtd,bksd->bkgts", q, cache["k"].astype(dt), preferred_element_type=jnp.float32)
+      scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, :, :]
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum("bkgts,bksd->bkgtd", probs, cache["v"].astype(dt))
+      out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, h * hd)
+      y = jnp.dot(out, wo.reshape(h * hd, cfg.dim).astype(dt)).reshape(b, t, cfg.dim)
+      return y, cache
+
     q = q.reshape(b, t, kvh, h // kvh, hd)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, :, :]
@@ -179,28 +189,26 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cache, positions, attn_bias, cache_index, layer):
-    """One layer; `cache` is the whole layer-stacked cache (or None), `layer` this layer's index in it."""
+  def __call__(self, x, cache, positions, attn_bias, cache_index):
+    """One layer; `cache` is this layer's `{"k","v"}` cache (or None)."""
     y, cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
-                                                attn_bias, cache, cache_index, layer)
+                                                attn_bias, cache, cache_index)
     x = x + y
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     return x, cache
 
 
 class _ScanBlock(nn.Module):
-  """Block with the (carry, broadcast...) signature nn.scan expects.
+  """Block with the (carry, broadcast...) signature nn.scan expects; the carry is the hidden state.
 
-  The carry is (hidden, cache, layer index): the cache travels whole through
-  the layer loop and each layer updates its own slice in place.
+  Only the cache-free forward scans its layers (the cache path runs them unrolled).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, positions, attn_bias, cache_index):
-    x, cache, layer = carry
-    x, cache = Block(self.cfg, name="block")(x, cache, positions, attn_bias, cache_index, layer)
-    return (x, cache, layer + 1), None
+  def __call__(self, x, positions, attn_bias, cache_index):
+    x, _ = Block(self.cfg, name="block")(x, None, positions, attn_bias, cache_index)
+    return x, None
 
 
 def attention_bias(mask_BxT: Array, kv_mask_BxS: Optional[Array], cache_index) -> Array:
@@ -249,6 +257,10 @@ class Transformer(nn.Module):
       positions_BxT = positions_from_mask(mask_BxT)
     if (cache is None) != (kv_mask_BxS is None):
       raise ValueError("cache and kv_mask_BxS must be given together")
+    if cache is not None and (cfg.scan_layers or len(cache) != cfg.n_layers):
+      raise ValueError("a KV cache needs the unrolled model (ModelConfig.scan_layers=False, params through "
+                       f"unscan_params) and one cache entry per layer ({cfg.n_layers}), got scan_layers="
+                       f"{cfg.scan_layers} and {len(cache)} entries")
     dt = _dtype(cfg.dtype)
 
     embed = _param(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
@@ -265,11 +277,14 @@ class Transformer(nn.Module):
           length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
-      (x, new_cache, _), _ = stack((x, cache, jnp.zeros((), jnp.int32)), positions_BxT, bias, cache_index)
+      x, _ = stack(x, positions_BxT, bias, cache_index)
+      new_cache = None
     else:
-      new_cache = cache
+      caches = []
       for i in range(cfg.n_layers):
-        x, new_cache = Block(cfg, name=f"layer_{i}")(x, new_cache, positions_BxT, bias, cache_index, i)
+        x, c = Block(cfg, name=f"layer_{i}")(x, None if cache is None else cache[i], positions_BxT, bias, cache_index)
+        caches.append(c)
+      new_cache = None if cache is None else tuple(caches)
 
     h = RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:
@@ -289,8 +304,22 @@ class Transformer(nn.Module):
     return logits.reshape(*h.shape[:2], cfg.vocab_size), new_cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> dict:
-  """Zeroed KV cache `{"k","v"}: [L, B, S, Hkv, Dh]` in the compute dtype."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = None) -> tuple:
+  """Zeroed KV cache: one `{"k","v"}: [B, Hkv, S, Dh]` per layer, in the compute dtype."""
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   dt = _dtype(cfg.dtype) if dtype is None else dtype
-  return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+  return tuple({"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.n_layers))
+
+
+def unscan_params(cfg: ModelConfig, params: Any) -> Any:
+  """Params of a `scan_layers` model in the `layer_{i}` layout of the same model unrolled.
+
+  The cache (sampling) path runs `Transformer(dataclasses.replace(cfg, scan_layers=False))`
+  on these. Inside `jit` the per-layer slices are taken once, outside any decode loop.
+  """
+  if not cfg.scan_layers:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(cfg.n_layers):
+    out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"]["block"])
+  return out

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import models
 from rlhf_jax.models import get_model_config
+from rlhf_jax.models.transformer import unscan_params
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,38 @@ def test_bad_config_names_the_field():
     get_model_config("tiny", n_kv_heads=3)
   with pytest.raises(ValueError, match="unknown model preset"):
     get_model_config("huge")
+
+
+@pytest.mark.parametrize("over", [{}, dict(qkv_bias=True, qk_norm=True, tie_embeddings=False)])
+def test_kv_cache_path_equals_full_forward(over):
+  """Prefill P tokens into a per-layer cache, then feed the rest one at a time: the logits of a full forward."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  cfg = get_model_config("tiny", **over)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 0, cfg.vocab_size)
+  mask = jnp.ones_like(tokens).at[1, :4].set(0)  # a left-padded row
+  full, _ = models.make_apply_fn(cfg)(params, tokens, mask)
+  model = models.Transformer(dataclasses.replace(cfg, scan_layers=False))
+  lp = {"params": unscan_params(cfg, params)}
+  p, s = 7, tokens.shape[1]
+  positions = models.positions_from_mask(mask)
+  cache = models.init_cache(cfg, 3, s)
+  assert cache[0]["k"].shape == (3, cfg.n_kv_heads, s, cfg.head_dim) and len(cache) == cfg.n_layers
+  kv_mask = mask.at[:, p:].set(0)
+  logits, cache = model.apply(lp, tokens[:, :p], mask[:, :p], positions_BxT=positions[:, :p], cache=cache,
+                              cache_index=0, kv_mask_BxS=kv_mask)
+  steps = [logits]
+  for t in range(p, s):
+    kv_mask = kv_mask.at[:, t].set(mask[:, t])
+    logits, cache = model.apply(lp, tokens[:, t:t + 1], mask[:, t:t + 1], positions_BxT=positions[:, t:t + 1],
+                                cache=cache, cache_index=t, kv_mask_BxS=kv_mask)
+    steps.append(logits)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1))[real], np.asarray(full)[real], atol=1e-5)
+
+
+def test_kv_cache_needs_the_unrolled_model(tiny):
+  cfg, params, _ = tiny
+  with pytest.raises(ValueError, match="scan_layers"):
+    models.Transformer(cfg).apply({"params": params}, jnp.ones((1, 2), jnp.int32), cache=models.init_cache(cfg, 1, 4),
+                                  kv_mask_BxS=jnp.ones((1, 4), jnp.int32))
