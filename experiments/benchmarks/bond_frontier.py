@@ -152,13 +152,17 @@ def report(args, results: dict) -> str:
     agg.setdefault(name.rsplit("_s", 1)[0], []).append(
         {"reward": last("true/score"), "kl": last("kl/ref"), "grade": s.get("final_score"),
          "success": s.get("final_success_rate"), "greedy": s.get("final_greedy")})
-    curves.append((name, _smooth(t["kl/ref"]), _smooth(t["true/score"]), styles[kind]))
+    # one colour and one legend entry per setting (its seeds share them), so the legend stays readable
+    setting = name.rsplit("_s", 1)[0]
+    color = f"C{list(agg).index(setting) % 10}"
+    first = len(agg[setting]) == 1
+    curves.append((setting if first else None, _smooth(t["kl/ref"]), _smooth(t["true/score"]), color + styles[kind]))
     if "effective_n/policy" in t:
       its = np.arange(1, len(t["effective_n/policy"]) + 1)
       sm = _smooth(t["effective_n/policy"])
-      neff_curves.append((f"{name} policy", its[-len(sm):], sm, "-"))
+      neff_curves.append((f"{setting} policy" if first else None, its[-len(sm):], sm, color + "-"))
       sa = _smooth(2 * t["effective_n/anchor"])
-      neff_curves.append((f"{name} 2 × anchor", its[-len(sa):], sa, ":"))
+      neff_curves.append((f"{setting} 2 × anchor" if first else None, its[-len(sa):], sa, color + ":"))
   if agg:
     lines += ["", "Per setting, mean ± sd over seeds:", "",
               "| setting | seeds | reward (last 5) | KL k1 (last 5) | held-out grade end | held-out success end | "
