@@ -88,6 +88,8 @@ def parse_args():
   ap.add_argument("--tunix-python", default=DEFAULT_TUNIX_PYTHON, help="python of the tunix venv")
   ap.add_argument("--tunix-timeout", type=int, default=1800, help="seconds")
   ap.add_argument("--no-tunix", action="store_true", help="time ours only")
+  ap.add_argument("--grpo", action="store_true",
+                  help="also time our critic-free GRPO iteration at --grouped (no critic: not tunix's algorithm)")
   ap.add_argument("--json", default="", help="also write both results to this file")
   return ap.parse_args()
 
@@ -99,8 +101,12 @@ def make_prompts(args, vocab: int):
   return rng.integers(0, vocab, size=(args.warmup + args.iters, args.prompts, args.prompt_len)).astype(np.int32)
 
 
-def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
-  """Median seconds of one rlhf_jax PPO iteration and of its phases."""
+def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: str = "gae"):
+  """Median seconds of one rlhf_jax PPO iteration and of its phases.
+
+  `advantage="grpo"`: the critic-free iteration (group advantages over the N samples of a prompt, KL as a k3
+  loss term): no critic state, no value forward in scoring, no value steps in the update.
+  """
   import jax
   import jax.numpy as jnp
   from rlhf_jax import losses, models
@@ -124,17 +130,26 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
                           weight_decay=0.0, grad_clip=1.0)
 
   actor_tx, critic_tx = tx(), tx()
+  gae = advantage == "gae"
   state = PPOState(actor=create_train_state(actor_params, actor_tx, keys[3]),
-                   critic=create_train_state(critic_params, critic_tx, keys[4]),
+                   critic=create_train_state(critic_params, critic_tx, keys[4]) if gae else None,
                    kl=losses.init_kl_controller(0.04))
   lm_apply, scalar_apply = models.make_apply_fn(cfg), models.make_apply_fn(cfg, head="scalar")
   # eos_id outside the vocabulary: every row generates all new tokens, as on the tunix side.
   sampler = Sampler(cfg, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=num_samples),
                     eos_id=-1, pad_id=0)
-  score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=args.prompt_len, critic_apply=scalar_apply,
+  score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=args.prompt_len, critic_apply=scalar_apply if gae else None,
                                     reward_apply=scalar_apply))
-  select = jax.jit(lambda batch: select_rows(batch, jnp.ones((num_prompts, num_samples), jnp.float32), keep=None))
-  update = jax.jit(make_ppo_step(lm_apply, actor_tx, critic_apply=scalar_apply, critic_tx=critic_tx,
+
+  def select_fn(batch):
+    if not gae:
+      batch = dict(batch, advantages=losses.group_advantages(batch["scores"].reshape(num_prompts, num_samples),
+                                                             kind=advantage).reshape(-1))
+    return select_rows(batch, jnp.ones((num_prompts, num_samples), jnp.float32), keep=None)
+
+  select = jax.jit(select_fn)
+  update = jax.jit(make_ppo_step(lm_apply, actor_tx, critic_apply=scalar_apply if gae else None,
+                                 critic_tx=critic_tx if gae else None, advantage=advantage,
                                  prompt_len=args.prompt_len,
                                  clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95, kl_estimator="k3",
                                  epochs=args.epochs, minibatches=args.minibatches, entropy_coef=0.0),
@@ -148,12 +163,14 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
     out = sampler(state.actor.params, pt, pm, key)
     jax.block_until_ready(out.tokens)
     t1 = time.perf_counter()
-    sc = score(ref_params, state.critic.params, rm_params, out.tokens, out.mask)
+    sc = score(ref_params, state.critic.params if gae else None, rm_params, out.tokens, out.mask)
     jax.block_until_ready(sc)
     t2 = time.perf_counter()
-    batch = select({"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
-                    "old_logprobs": out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"],
-                    "old_values": sc["old_values"], "scores": sc["rm_scores"]})
+    batch = {"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
+             "old_logprobs": out.completion_logprobs, "ref_logprobs": sc["ref_logprobs"], "scores": sc["rm_scores"]}
+    if gae:
+      batch["old_values"] = sc["old_values"]
+    batch = select(batch)
     state, metrics = update(state, batch)
     metrics = jax.device_get(metrics)  # the pipeline logs them every iteration
     t3, c3 = time.perf_counter(), time.process_time()
@@ -167,7 +184,7 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int):
   assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts
   timed = times[args.warmup:]
   med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
-  return {"side": "rlhf_jax", "prompts": num_prompts, "samples_per_prompt": num_samples,
+  return {"side": "rlhf_jax" if gae else f"rlhf_jax {advantage} (no critic)", "prompts": num_prompts, "samples_per_prompt": num_samples,
           "iteration_s": med["iteration"], "rollout_s": med["rollout"], "score_s": med["score"],
           "update_s": med["update"], "cpu_s": med["cpu"], "first_iteration_s": times[0]["iteration"],
           "iteration_s_all": [t["iteration"] for t in times], "jax_version": jax.__version__}
@@ -223,6 +240,8 @@ def main():
     if p * n != args.prompts:
       sys.exit(f"--grouped={args.grouped} must give {args.prompts} rollouts")
     results.append(bench_ours(args, prompts, num_prompts=p, num_samples=n))
+    if args.grpo:  # the critic-free iteration on the same rollouts: a different algorithm from tunix's PPO row
+      results.append(bench_ours(args, prompts, num_prompts=p, num_samples=n, advantage="grpo"))
   tunix = None
   if not args.no_tunix:
     with tempfile.TemporaryDirectory() as tmp:
