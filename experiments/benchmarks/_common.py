@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -101,3 +103,28 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
   return "\n".join(lines)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_config(config: str, workdir: str, args: list[str], log) -> float:
+  """`python -m experiments.run --config=CONFIG --workdir=WORKDIR ARGS` with its output into `log`; seconds taken.
+
+  Exits (naming the command and the log) if the run fails: the harnesses resume from finished runs.
+  """
+  cmd = [sys.executable, "-m", "experiments.run", f"--config={config}", f"--workdir={workdir}"] + list(args)
+  log.write("$ " + " ".join(cmd) + "\n")
+  log.flush()
+  start = time.time()
+  proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+  if proc.returncode:
+    raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}; see {log.name}")
+  print(f"  done in {time.time() - start:.0f} s: {workdir}", flush=True)
+  return time.time() - start
+
+
+def link(src: str, dst: str) -> None:
+  """Symlink a finished stage directory `src` into a run directory (a shared base), once."""
+  if os.path.isdir(src) and not os.path.lexists(dst):
+    os.symlink(os.path.abspath(src), dst)

@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from experiments.benchmarks import _common  # pylint: disable=wrong-import-position
+from experiments.benchmarks._common import link  # pylint: disable=wrong-import-position
 from rlhf_jax.utils import read_metrics  # pylint: disable=wrong-import-position
 
 ARMS = {  # name -> (config, overrides)
@@ -42,20 +42,7 @@ DIRS = {"RM": "rm", "AM": "am", "AM+SR": "amsr"}
 
 
 def run(config: str, workdir: str, args: list[str], log) -> None:
-  cmd = [sys.executable, "-m", "experiments.run", f"--config={config}", f"--workdir={workdir}",
-         "--config.logging.progress=False"] + args
-  log.write("$ " + " ".join(cmd) + "\n")
-  log.flush()
-  start = time.time()
-  proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
-  if proc.returncode:
-    raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}; see {log.name}")
-  print(f"  done in {time.time() - start:.0f} s: {workdir}", flush=True)
-
-
-def link(src: str, dst: str) -> None:
-  if os.path.isdir(src) and not os.path.lexists(dst):
-    os.symlink(os.path.abspath(src), dst)
+  _common.run_config(config, workdir, ["--config.logging.progress=False"] + args, log)
 
 
 def ms(values) -> str:

@@ -28,15 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from experiments.benchmarks import _common  # pylint: disable=wrong-import-position
+from experiments.benchmarks._common import link  # pylint: disable=wrong-import-position
 from rlhf_jax.utils import plot_bars, read_metrics  # pylint: disable=wrong-import-position
 
 CORE = {  # name -> (config, stage, overrides)
@@ -54,21 +54,8 @@ STRATEGIES = {
 
 
 def run(config: str, workdir: str, overrides: dict, extra: list[str], log) -> float:
-  cmd = [sys.executable, "-m", "experiments.run", f"--config={config}", f"--workdir={workdir}"]
-  cmd += [f"--config.{k}={v}" for k, v in overrides.items()] + [f"--config.{o}" for o in extra]
-  log.write("$ " + " ".join(cmd) + "\n")
-  log.flush()
-  start = time.time()
-  proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
-  if proc.returncode:
-    raise SystemExit(f"run failed ({proc.returncode}): {' '.join(cmd)}; see {log.name}")
-  print(f"  done in {time.time() - start:.0f} s: {workdir}", flush=True)
-  return time.time() - start
-
-
-def link(src: str, dst: str) -> None:
-  if os.path.isdir(src) and not os.path.lexists(dst):
-    os.symlink(os.path.abspath(src), dst)
+  return _common.run_config(config, workdir, [f"--config.{k}={v}" for k, v in overrides.items()]
+                            + [f"--config.{o}" for o in extra], log)
 
 
 def eval_curve(run_dir: str, stage: str) -> list[tuple[int, float]]:
