@@ -273,13 +273,16 @@ def check_model(config, device_count: int | None) -> None:
     _require(config, f"model.{key}", lambda v: v >= 1, "must be >= 1")
   for key in ("dtype", "param_dtype"):
     _require(config, f"model.{key}", lambda v: v in DTYPES, f"must be one of {DTYPES}")
+  _require(config, "model.scan_unroll", lambda v: v == -1 or v >= 1, "must be -1 (auto) or a number of layers >= 1")
+  _require(config, "model.microbatch", lambda v: v >= -1, "must be -1 (auto), 0 (off) or a number of rows")
   preset = _get(config, "model.preset", _MISSING)
   if preset is _MISSING:
     return
   from rlhf_jax.models.config import ModelConfig, PRESETS  # pylint: disable=import-outside-toplevel
   if preset not in PRESETS:
     raise ConfigError("config.model.preset", f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
-  overrides = {f.name: _get(config, f"model.{f.name}", None) for f in dataclasses.fields(ModelConfig)}
+  overrides = {f.name: _get(config, f"model.{f.name}", None) for f in dataclasses.fields(ModelConfig)
+               if f.name != "scan_unroll"}  # -1 = auto, resolved by pipelines.common.model_config
   overrides = {k: v for k, v in overrides.items() if v is not None}
   try:
     dataclasses.replace(PRESETS[preset], **overrides)

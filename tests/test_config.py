@@ -143,6 +143,8 @@ def test_resolve_mesh_and_data_parallel_size(config):
     ("sft.optimizer.b2", 1.0, "must be in [0, 1)"),
     ("model.dtype", "float8", "must be one of"),
     ("model.n_layers", 0, "must be >= 1"),
+    ("model.scan_unroll", 0, "must be -1 (auto) or a number of layers >= 1"),
+    ("model.microbatch", -2, "must be -1 (auto), 0 (off) or a number of rows"),
     ("algo.kl_estimator", "k4", "must be one of"),
     ("algo.strategy", "best_of_all", "must be one of"),
     ("algo.loss_agg", "sum", "must be one of"),

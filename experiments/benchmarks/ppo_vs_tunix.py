@@ -83,6 +83,10 @@ def parse_args():
   ap.add_argument("--warmup", type=int, default=2, help="untimed iterations (compilation)")
   ap.add_argument("--iters", type=int, default=5, help="timed iterations")
   ap.add_argument("--preset", default="tiny")
+  ap.add_argument("--microbatch", type=int, default=0,
+                  help="rows per forward/backward chunk in scoring and the update (0 = whole batch / minibatch)")
+  ap.add_argument("--score-microbatch", type=int, default=-1, help="rows per scoring forward (-1 = --microbatch)")
+  ap.add_argument("--scan-unroll", type=int, default=1, help="ModelConfig.scan_unroll (layers per scan iteration)")
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--tunix-python", default=DEFAULT_TUNIX_PYTHON, help="python of the tunix venv")
@@ -114,7 +118,8 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
   from rlhf_jax.state import create_train_state, make_optimizer
   from rlhf_jax.steps import PPOState, make_ppo_score_fn, make_ppo_step, select_rows
 
-  cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32")
+  cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32", scan_unroll=args.scan_unroll)
+  score_mb = args.microbatch if args.score_microbatch < 0 else args.score_microbatch
   rows = num_prompts * num_samples
   if rows % args.minibatches:
     raise ValueError(f"--minibatches={args.minibatches} must divide the {rows} rollouts of an iteration")
@@ -139,7 +144,7 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
   sampler = Sampler(cfg, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=num_samples),
                     eos_id=-1, pad_id=0)
   score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=args.prompt_len, critic_apply=scalar_apply if gae else None,
-                                    reward_apply=scalar_apply))
+                                    reward_apply=scalar_apply, microbatch=score_mb or None))
 
   def select_fn(batch):
     if not gae:
@@ -152,7 +157,8 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
                                  critic_tx=critic_tx if gae else None, advantage=advantage,
                                  prompt_len=args.prompt_len,
                                  clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95, kl_estimator="k3",
-                                 epochs=args.epochs, minibatches=args.minibatches, entropy_coef=0.0),
+                                 epochs=args.epochs, minibatches=args.minibatches, entropy_coef=0.0,
+                                 microbatch=args.microbatch or None),
                    donate_argnums=0)
 
   def iteration(state, it):

@@ -40,3 +40,5 @@ from rlhf_jax.losses.ppo import value_loss
 from rlhf_jax.losses.reward import bradley_terry_loss
 from rlhf_jax.losses.reward import pairwise_calibration
 from rlhf_jax.losses.sft import sft_loss
+from rlhf_jax.losses.sft import sft_loss_from_logprobs
+from rlhf_jax.losses.sft import token_correct

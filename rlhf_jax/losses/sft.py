@@ -27,9 +27,18 @@ def sft_loss(logits, targets, mask):
   """
   common.check_ndim(mask, 2, "mask")
   common.check_same_shape(targets, "targets", mask, "mask")
-  logp_BxT = common.token_logprobs(logits, targets)
+  return sft_loss_from_logprobs(common.token_logprobs(logits, targets), token_correct(logits, targets), mask)
+
+
+def token_correct(logits, targets):
+  """1.0 where the argmax of `logits` [B, T, V] is the target [B, T], else 0.0."""
+  return (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
+def sft_loss_from_logprobs(logp_BxT, correct_BxT, mask):
+  """`sft_loss` from the targets' log-probs and `token_correct` ([B, T] each): the same loss and metrics."""
+  common.check_same_shape(logp_BxT, "logp_BxT", mask, "mask")
   nll = common.masked_mean(-logp_BxT, mask)
-  correct_BxT = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   metrics = {
       "sft/nll": nll,
       "sft/accuracy": common.masked_mean(correct_BxT, mask),

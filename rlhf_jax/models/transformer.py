@@ -275,6 +275,7 @@ class Transformer(nn.Module):
           split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.n_layers,
+          unroll=min(cfg.scan_unroll, cfg.n_layers),
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
       x, _ = stack(x, positions_BxT, bias, cache_index)

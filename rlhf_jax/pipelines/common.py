@@ -37,10 +37,25 @@ def model_config(config) -> ModelConfig:
     path = hf_path(config)
     cfg = hf.config_from_hf(hf.read_hf_config(path), dtype=config.model.param_dtype,
                             where=os.path.join(path, "config.json"))
-    return dataclasses.replace(cfg, dtype=config.model.dtype)
+    return dataclasses.replace(cfg, dtype=config.model.dtype, scan_unroll=scan_unroll(config, cfg.n_layers))
   over = {k: config.model.get(k) for k in _MODEL_OVERRIDES if config.model.get(k) is not None}
-  return models.get_model_config(config.model.preset, dtype=config.model.dtype,
-                                 param_dtype=config.model.param_dtype, **over)
+  cfg = models.get_model_config(config.model.preset, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                **over)
+  return dataclasses.replace(cfg, scan_unroll=scan_unroll(config, cfg.n_layers))
+
+
+def scan_unroll(config, n_layers: int) -> int:
+  """`model.scan_unroll` resolved: -1 (auto) = every layer on the CPU backend, 1 elsewhere; k = min(k, layers)."""
+  k = config.model.get("scan_unroll")
+  if k is None or int(k) == -1:
+    return n_layers if jax.default_backend() == "cpu" else 1
+  return min(int(k), n_layers)
+
+
+def microbatch(config):
+  """`model.microbatch` as the steps take it: -1 = "auto", 0 = None (off), k = at most k rows."""
+  value = config.model.get("microbatch")
+  return "auto" if value is None or int(value) == -1 else (int(value) or None)
 
 
 def make_mesh(config) -> Mesh:

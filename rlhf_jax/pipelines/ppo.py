@@ -169,7 +169,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
   score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=plen, temperature=temperature, critic_apply=scalar_apply,
                                     reward_apply=models.make_apply_fn(rm_cfg, head="scalar") if use_rm else None,
                                     reward_mean=reward_mean, reward_std=reward_std,
-                                    logprob_chunk=pc.logprob_chunk or None))
+                                    logprob_chunk=pc.logprob_chunk or None,
+                                    microbatch=common.microbatch(config)))
   prepare = jax.jit(make_prepare_fn(advantage=advantage, strategy=ac.strategy, n=n, **_filtration_kwargs(config)))
   update = jax.jit(make_ppo_step(lm_apply, actor_tx, prompt_len=plen, advantage=advantage, critic_apply=scalar_apply,
                                  critic_tx=critic_tx, temperature=temperature, clip_eps=ac.clip_eps,
@@ -177,7 +178,8 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
                                  kl_estimator=ac.kl_estimator, kl_target=ac.kl_target, kl_horizon=ac.kl_horizon,
                                  epochs=ac.epochs, minibatches=ac.minibatches, loss_agg=ac.loss_agg,
                                  reward_clip=ac.reward_clip, entropy_coef=pc.entropy_coef,
-                                 rehearsal_coef=extras.coef, logprob_chunk=pc.logprob_chunk or None),
+                                 rehearsal_coef=extras.coef, logprob_chunk=pc.logprob_chunk or None,
+                                 microbatch=common.microbatch(config)),
                    in_shardings=(state_sh, None), out_shardings=(state_sh, rep), donate_argnums=0)
 
   def evaluate(params) -> dict[str, float]:

@@ -90,7 +90,7 @@ def run_rs(config, workdir: str) -> dict[str, Any]:
   state, state_sh = common.create_state(copy, models.logical_axes(cfg), tx, mesh, rng, sft_params)
   bsh = shd.batch_sharding(mesh, 2)
   rep = shd.replicated(mesh)
-  train_step = jax.jit(make_sft_step(models.make_apply_fn(cfg), tx),
+  train_step = jax.jit(make_sft_step(models.make_apply_fn(cfg), tx, microbatch=common.microbatch(config)),
                        in_shardings=(state_sh, {"tokens": bsh, "mask": bsh, "loss_mask": bsh}),
                        out_shardings=(state_sh, rep), donate_argnums=0)
   ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=config.checkpoint.max_to_keep,

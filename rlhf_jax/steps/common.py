@@ -65,3 +65,110 @@ def completion_values(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_l
   """
   values, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1])
   return values[:, prompt_len - 1:]
+
+
+# Tokens per chunk of "auto" micro-batching on XLA:CPU: a forward or backward over ~1k tokens of the tiny/small
+# presets at a time keeps its working set in cache (experiments/benchmarks/README.md, issue 15).
+AUTO_MICROBATCH_TOKENS = 1024
+
+
+def microbatch_rows(rows: int, tokens_per_row: int, microbatch) -> int:
+  """Rows per chunk: the largest divisor of `rows` that is at most the requested size.
+
+  microbatch: None or 0 (whole batch), a number of rows, or "auto": on the CPU
+  backend `AUTO_MICROBATCH_TOKENS // tokens_per_row` rows, elsewhere the whole
+  batch (accelerators want the big matmuls).
+  """
+  if microbatch == "auto":
+    if jax.default_backend() != "cpu":
+      return rows
+    microbatch = max(1, AUTO_MICROBATCH_TOKENS // max(int(tokens_per_row), 1))
+  if microbatch is None or isinstance(microbatch, str) or int(microbatch) < 0:
+    if microbatch is None:
+      return rows
+    raise ValueError(f"microbatch must be None, 'auto' or a number of rows >= 0, got {microbatch!r}")
+  k = int(microbatch)
+  if k == 0 or k >= rows:
+    return rows
+  return max(d for d in range(1, k + 1) if rows % d == 0)
+
+
+def map_rows(fn: Callable, microbatch: Optional[int], *arrays):
+  """`fn(*arrays)` computed `microbatch` rows at a time (`lax.map`), the per-row results concatenated.
+
+  `fn` must act on each row independently (a model forward); the result is
+  that of one call on all rows. `microbatch`: see `microbatch_rows`. On XLA:CPU
+  a forward over ~2k tokens at a time runs 1.4–1.7× faster than over 8k (the
+  working set stays in cache; experiments/benchmarks/README.md).
+  """
+  rows = arrays[0].shape[0]
+  n = rows // microbatch_rows(rows, arrays[0].shape[1] if arrays[0].ndim > 1 else 1, microbatch)
+  if n == 1:
+    return fn(*arrays)
+  chunks = [a.reshape(n, rows // n, *a.shape[1:]) for a in arrays]
+  out = jax.lax.map(lambda xs: fn(*xs), chunks)
+  return jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), out)
+
+
+def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: dict, *, fill,
+                           microbatch: Optional[int] = None, extra_fn: Optional[Callable] = None):
+  """`((loss, aux), grads)` of `loss_fn(rows_fn(params, batch)) + extra_fn(params)`, the model run in row chunks.
+
+  rows_fn(params, batch) -> per-row outputs (a pytree of [B, ...] arrays: a
+    forward over the rows of `batch`, each row independent of the others).
+  loss_fn(outputs) -> (loss, aux): must be a sum of per-row terms with
+    normalisers that do not depend on the outputs (every `losses.aggregate_loss`
+    mode, masked means over fixed masks): then row b's gradient depends on row
+    b's outputs only.
+  fill: outputs of the structure of `rows_fn`'s that stand for the rows outside
+    a chunk (constants, e.g. the old log-probs; any finite values give the same
+    gradient).
+  extra_fn(params) -> (loss, metrics), optional: a term over other data (the
+    rehearsal NLL), added to the loss; its metrics are merged into `aux`.
+
+  With `microbatch` (`microbatch_rows`: at most that many rows, or "auto") the gradient is accumulated
+  over chunks (`lax.scan`), each chunk's loss being `loss_fn` of `fill` with
+  the chunk's rows replaced by their outputs; the sum over chunks is the
+  gradient of the whole batch's loss, and `(loss, aux)` are `loss_fn` of all
+  outputs. Gradient accumulation on the same rows: one forward and one backward
+  per row as without chunks, a working set `B / microbatch` times smaller.
+  Without it (None), one `jax.value_and_grad` of the whole expression.
+  """
+  first = jax.tree.leaves(batch)[0]
+  rows = first.shape[0]
+  n = rows // microbatch_rows(rows, first.shape[1] if first.ndim > 1 else 1, microbatch)
+
+  def full(p):
+    loss, aux = loss_fn(rows_fn(p, batch))
+    if extra_fn is not None:
+      extra, metrics = extra_fn(p)
+      loss, aux = loss + extra, {**aux, **metrics}
+    return loss, aux
+
+  if n == 1:
+    return jax.value_and_grad(full, has_aux=True)(params)
+  size = rows // n
+  chunks = jax.tree.map(lambda x: x.reshape(n, size, *x.shape[1:]), batch)
+
+  def body(acc, xs):
+    i, chunk = xs
+
+    def chunk_loss(p):
+      out = rows_fn(p, chunk)
+      rows_out = jax.tree.map(lambda f, o: jax.lax.dynamic_update_slice_in_dim(f.astype(o.dtype), o, i * size, 0),
+                              fill, out)
+      return loss_fn(rows_out)[0], out
+
+    grads, out = jax.grad(chunk_loss, has_aux=True)(params)
+    return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), out
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+  acc, outs = jax.lax.scan(body, zeros, (jnp.arange(n), chunks))
+  outputs = jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), outs)
+  loss, aux = loss_fn(jax.lax.stop_gradient(outputs))
+  if extra_fn is not None:
+    (extra, metrics), extra_grads = jax.value_and_grad(extra_fn, has_aux=True)(params)
+    loss, aux = loss + extra, {**aux, **metrics}
+    acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, extra_grads)
+  grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+  return (loss, aux), grads

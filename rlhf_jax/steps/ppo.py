@@ -30,7 +30,8 @@ import optax
 from rlhf_jax import losses, selection
 from rlhf_jax.losses import KLControllerState
 from rlhf_jax.state import TrainState, apply_gradients_with_status
-from rlhf_jax.steps.common import completion_logprobs, completion_values, sequence_scores
+from rlhf_jax.steps.common import completion_logprobs, completion_values, map_rows, rowwise_value_and_grad, \
+    sequence_scores
 from rlhf_jax.steps.rehearsal import add_rehearsal_loss
 
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGES
@@ -69,22 +70,26 @@ def critic_from_reward_model(rm_params: Any, *, reward_mean: float, reward_std: 
 
 def make_score_fn(actor_apply: Callable, *, prompt_len: int, temperature: float = 1.0,
                   critic_apply: Optional[Callable] = None, reward_apply: Optional[Callable] = None,
-                  reward_mean: float = 0.0, reward_std: float = 1.0, logprob_chunk: Optional[int] = None) -> Callable:
+                  reward_mean: float = 0.0, reward_std: float = 1.0, logprob_chunk: Optional[int] = None,
+                  microbatch: Optional[int] = None) -> Callable:
   """`score(ref_params, critic_params, rm_params, tokens, mask) -> dict`: one fused call for a rollout.
 
   Returns `ref_logprobs` [R, G] (at `temperature`), `old_values` [R, G] when
   there is a critic, and `rm_rewards` [R] (raw) and `rm_scores` [R]
   ((r − mean) / std) when there is a reward model. Pass None for the params of
-  what is absent.
+  what is absent. `microbatch`: run each forward that many rows at a time
+  (`map_rows`: None, a number of rows or "auto"; same values).
   """
 
   def score(ref_params, critic_params, rm_params, tokens_RxS, mask_RxS):
-    out = {"ref_logprobs": completion_logprobs(actor_apply, ref_params, tokens_RxS, mask_RxS, prompt_len,
-                                               temperature=temperature, chunk=logprob_chunk)}
+    out = {"ref_logprobs": map_rows(
+        lambda t, m: completion_logprobs(actor_apply, ref_params, t, m, prompt_len, temperature=temperature,
+                                         chunk=logprob_chunk), microbatch, tokens_RxS, mask_RxS)}
     if critic_apply is not None:
-      out["old_values"] = completion_values(critic_apply, critic_params, tokens_RxS, mask_RxS, prompt_len)
+      out["old_values"] = map_rows(lambda t, m: completion_values(critic_apply, critic_params, t, m, prompt_len),
+                                   microbatch, tokens_RxS, mask_RxS)
     if reward_apply is not None:
-      raw = sequence_scores(reward_apply, rm_params, tokens_RxS, mask_RxS)
+      raw = map_rows(lambda t, m: sequence_scores(reward_apply, rm_params, t, m), microbatch, tokens_RxS, mask_RxS)
       out["rm_rewards"] = raw
       out["rm_scores"] = (raw - reward_mean) / reward_std
     return out
@@ -142,7 +147,7 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
                   kl_horizon: float = 10_000.0, epochs: int = 1, minibatches: int = 1,
                   loss_agg: str = "seq_mean_token_mean", reward_clip: Optional[float] = 10.0,
                   entropy_coef: float = 0.0, rehearsal_coef: float = 0.0,
-                  logprob_chunk: Optional[int] = None) -> Callable:
+                  logprob_chunk: Optional[int] = None, microbatch: Optional[int] = None) -> Callable:
   """`step(state: PPOState, batch) -> (state, metrics)`: one policy update on a scored rollout.
 
   Args:
@@ -155,6 +160,10 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
     temperature: T of the sampled distribution softmax(logits / T).
     logprob_chunk: compute log-probs `chunk` positions at a time without the [B, G, V] float32 logits
       (`completion_logprobs(chunk=...)`; for 128k+ vocabularies).
+    microbatch: rows per forward/backward inside a minibatch (gradient accumulation,
+      `steps.common.rowwise_value_and_grad`): the same gradient, a smaller working set (faster on XLA:CPU at
+      ~2k tokens a chunk); None = the whole minibatch at once, "auto" = that on CPU and the whole minibatch on
+      accelerators (`steps.common.microbatch_rows`).
     kl_in_reward: KL to the reference as a per-token reward penalty (True,
       InstructGPT) or as a loss term on the k-estimator (False, GRPO); default
       True for "gae", False otherwise. Its coefficient is `state.kl.kl_coef`.
@@ -183,9 +192,14 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
     raise ValueError(f"temperature must be > 0, got {temperature}")
   kl_in_reward = use_critic if kl_in_reward is None else kl_in_reward
 
-  def policy_loss_fn(params, mb, kl_coef, rehearsal=None):
-    lp, ent = completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
-                                  temperature=temperature, with_entropy=True, chunk=logprob_chunk)
+  # Each loss is a per-row forward (`*_rows`) and a loss of its outputs that sums per-row terms with fixed
+  # normalisers, so `rowwise_value_and_grad` can run the forward `microbatch` rows at a time.
+  def policy_rows(params, mb):
+    return completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
+                               temperature=temperature, with_entropy=True, chunk=logprob_chunk)
+
+  def policy_loss_fn(outputs, mb, kl_coef):
+    lp, ent = outputs
     loss, metrics = losses.ppo_policy_loss(lp, mb["old_logprobs"], mb["advantages"], mb["completion_mask"],
                                            clip_eps=clip_eps, loss_agg=loss_agg, weights=mb["weights"])
     ent_mask = mb["completion_mask"] * (mb["weights"] > 0)[:, None]
@@ -197,22 +211,29 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
       kl_loss = losses.aggregate_loss(kl_tok, mb["completion_mask"], loss_agg=loss_agg, weights_B=mb["weights"])
       total = total + kl_coef * kl_loss
       metrics["policy/kl_loss"] = kl_loss
-    total, rehearsal_metrics = add_rehearsal_loss(total, actor_apply, params, rehearsal, coef=rehearsal_coef)
-    return total, {**metrics, **rehearsal_metrics}
+    return total, metrics
 
-  def value_loss_fn(params, mb):
-    values = completion_values(critic_apply, params, mb["tokens"], mb["mask"], prompt_len)
+  def value_rows(params, mb):
+    return completion_values(critic_apply, params, mb["tokens"], mb["mask"], prompt_len)
+
+  def value_loss_fn(values, mb):
     loss, metrics = losses.value_loss(values, mb["old_values"], mb["returns"], mb["completion_mask"],
                                       clip_eps=value_clip_eps, loss_agg=loss_agg, weights=mb["weights"])
     return loss, {**metrics, "value/loss": loss}
 
   def minibatch_update(carry, mb, rehearsal=None):
     actor, critic, kl_coef = carry
-    (loss, metrics), pg = jax.value_and_grad(policy_loss_fn, has_aux=True)(actor.params, mb, kl_coef, rehearsal)
+    rehearsal_fn = None
+    if rehearsal_coef:
+      rehearsal_fn = lambda p: add_rehearsal_loss(0.0, actor_apply, p, rehearsal, coef=rehearsal_coef)  # noqa: E731
+    (loss, metrics), pg = rowwise_value_and_grad(
+        policy_rows, lambda out: policy_loss_fn(out, mb, kl_coef), actor.params, mb,
+        fill=(mb["old_logprobs"], jnp.zeros_like(mb["old_logprobs"])), microbatch=microbatch, extra_fn=rehearsal_fn)
     actor, metrics["policy/skipped"] = apply_gradients_with_status(actor, pg, actor_tx, loss=loss)
     metrics["policy/grad_norm"] = optax.global_norm(pg)
     if use_critic:
-      (vloss, vm), vg = jax.value_and_grad(value_loss_fn, has_aux=True)(critic.params, mb)
+      (vloss, vm), vg = rowwise_value_and_grad(value_rows, lambda out: value_loss_fn(out, mb), critic.params, mb,
+                                               fill=mb["old_values"], microbatch=microbatch)
       critic, vm["value/skipped"] = apply_gradients_with_status(critic, vg, critic_tx, loss=vloss)
       metrics.update(vm)
       metrics["value/grad_norm"] = optax.global_norm(vg)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from rlhf_jax import losses
 from rlhf_jax.state import TrainState, apply_gradients_with_status
+from rlhf_jax.steps.common import rowwise_value_and_grad
 
 
 def sft_logits_targets(apply_fn: Callable, params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -18,21 +20,30 @@ def sft_logits_targets(apply_fn: Callable, params: Any, batch: dict) -> tuple[ja
   return logits, tokens[:, 1:], batch["loss_mask"][:, 1:]
 
 
-def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
+                  microbatch: Optional[Union[int, str]] = None) -> Callable:
   """`step(state, batch) -> (state, metrics)` for batches from `tokenizer.encode_pairs`.
 
   batch: tokens, mask, loss_mask, each [B, L] int32 (prompt left-padded,
   response right-padded; loss_mask marks response tokens incl. EOS).
   metrics include `train/skipped` (1.0 when a non-finite loss or gradient
   skipped the update, see `state.apply_gradients_with_status`).
+  microbatch: rows per forward/backward (gradient accumulation, the same
+  gradient; `steps.common.microbatch_rows`: None, a number of rows or "auto").
   """
 
-  def loss_fn(params, batch):
-    logits, targets, loss_mask = sft_logits_targets(apply_fn, params, batch)
-    return losses.sft_loss(logits, targets, loss_mask)
+  def rows_fn(params, rows):
+    logits, _ = apply_fn(params, rows["tokens"][:, :-1], rows["mask"][:, :-1])
+    targets = rows["tokens"][:, 1:]
+    return losses.token_logprobs(logits, targets), losses.token_correct(logits, targets)
 
   def step(state: TrainState, batch: dict):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    loss_mask = batch["loss_mask"][:, 1:]
+    fill = (jnp.zeros(loss_mask.shape, jnp.float32),) * 2
+    (loss, metrics), grads = rowwise_value_and_grad(
+        rows_fn, lambda out: losses.sft_loss_from_logprobs(*out, loss_mask), state.params,
+        {"tokens": batch["tokens"], "mask": batch["mask"]}, fill=fill,
+        microbatch=microbatch)
     # A non-finite loss or gradient skips the update (params unchanged); `train/skipped` is 1.0 then.
     new_state, skipped = apply_gradients_with_status(state, grads, optimizer, loss=loss)
     metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/skipped": skipped}
