@@ -16,6 +16,12 @@ sensitive than wall-clock to other load on a shared machine).
     # the comparison (~5 min on 2 cores)
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --no-tunix   # ours only
+    .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --scan-unroll 1 --microbatch 0   # before issue 15
+
+Ours runs with the run configs' compute defaults (`model.scan_unroll` and `model.microbatch` = -1, auto: on CPU
+the layer scan unrolled and forwards/backwards ~1k tokens at a time); the flags set them. After the tables, a
+roofline of each phase: FLOPs by formula (`roofline.phase_costs`), the bound at the matmul peak and bandwidth
+measured in the same run, and what 2× tunix would take as a fraction of the iteration's bound.
 
 Layout: tunix's PPO has no samples-per-prompt (`_num_generations() == 1`), so
 the comparison runs 64 prompts × 1 sample on both sides; an extra row shows
@@ -56,6 +62,7 @@ averages are printed with every table).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -83,10 +90,13 @@ def parse_args():
   ap.add_argument("--warmup", type=int, default=2, help="untimed iterations (compilation)")
   ap.add_argument("--iters", type=int, default=5, help="timed iterations")
   ap.add_argument("--preset", default="tiny")
-  ap.add_argument("--microbatch", type=int, default=0,
-                  help="rows per forward/backward chunk in scoring and the update (0 = whole batch / minibatch)")
-  ap.add_argument("--score-microbatch", type=int, default=-1, help="rows per scoring forward (-1 = --microbatch)")
-  ap.add_argument("--scan-unroll", type=int, default=1, help="ModelConfig.scan_unroll (layers per scan iteration)")
+  ap.add_argument("--microbatch", type=int, default=-1,
+                  help="rows per forward/backward chunk in scoring and the update, as config.model.microbatch: "
+                       "-1 = auto (the run configs' default), 0 = whole batch / minibatch")
+  ap.add_argument("--scan-unroll", type=int, default=-1,
+                  help="layers per scan iteration, as config.model.scan_unroll: -1 = auto (the run configs' default)")
+  ap.add_argument("--no-roofline", action="store_true", help="skip the per-phase roofline table")
+  ap.add_argument("--draw", default="gumbel", help="our Sampler's draw: gumbel (default) or inverse_cdf")
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--tunix-python", default=DEFAULT_TUNIX_PYTHON, help="python of the tunix venv")
@@ -118,8 +128,9 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
   from rlhf_jax.state import create_train_state, make_optimizer
   from rlhf_jax.steps import PPOState, make_ppo_score_fn, make_ppo_step, select_rows
 
-  cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32", scan_unroll=args.scan_unroll)
-  score_mb = args.microbatch if args.score_microbatch < 0 else args.score_microbatch
+  cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32")
+  cfg = dataclasses.replace(cfg, scan_unroll=models.resolve_scan_unroll(args.scan_unroll, cfg.n_layers))
+  microbatch = "auto" if args.microbatch == -1 else (args.microbatch or None)
   rows = num_prompts * num_samples
   if rows % args.minibatches:
     raise ValueError(f"--minibatches={args.minibatches} must divide the {rows} rollouts of an iteration")
@@ -142,9 +153,9 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
   lm_apply, scalar_apply = models.make_apply_fn(cfg), models.make_apply_fn(cfg, head="scalar")
   # eos_id outside the vocabulary: every row generates all new tokens, as on the tunix side.
   sampler = Sampler(cfg, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=num_samples),
-                    eos_id=-1, pad_id=0)
+                    eos_id=-1, pad_id=0, draw=args.draw)
   score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=args.prompt_len, critic_apply=scalar_apply if gae else None,
-                                    reward_apply=scalar_apply, microbatch=score_mb or None))
+                                    reward_apply=scalar_apply, microbatch=microbatch))
 
   def select_fn(batch):
     if not gae:
@@ -158,7 +169,7 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
                                  prompt_len=args.prompt_len,
                                  clip_eps=0.2, value_clip_eps=0.2, gamma=1.0, lam=0.95, kl_estimator="k3",
                                  epochs=args.epochs, minibatches=args.minibatches, entropy_coef=0.0,
-                                 microbatch=args.microbatch or None),
+                                 microbatch=microbatch),
                    donate_argnums=0)
 
   def iteration(state, it):
@@ -190,10 +201,74 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
   assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts
   timed = times[args.warmup:]
   med = {k: statistics.median(t[k] for t in timed) for k in timed[0]}
-  return {"side": "rlhf_jax" if gae else f"rlhf_jax {advantage} (no critic)", "prompts": num_prompts, "samples_per_prompt": num_samples,
+  return {"side": "rlhf_jax" if gae else f"rlhf_jax {advantage} (no critic)", "prompts": num_prompts,
+          "samples_per_prompt": num_samples,
           "iteration_s": med["iteration"], "rollout_s": med["rollout"], "score_s": med["score"],
           "update_s": med["update"], "cpu_s": med["cpu"], "first_iteration_s": times[0]["iteration"],
-          "iteration_s_all": [t["iteration"] for t in times], "jax_version": jax.__version__}
+          "iteration_s_all": [t["iteration"] for t in times], "jax_version": jax.__version__,
+          "scan_unroll": cfg.scan_unroll, "microbatch": str(microbatch),
+          "costs": iteration_costs(cfg, args, num_prompts=num_prompts, num_samples=num_samples, critic=gae,
+                                   segment_lengths=sampler.segment_lengths(args.prompt_len))}
+
+
+def iteration_costs(cfg, args, *, num_prompts: int, num_samples: int, critic: bool, segment_lengths=None,
+                    old_logprob_forward: bool = False) -> dict:
+  """FLOPs and bytes of each phase of one iteration, by `roofline.phase_costs`'s formulas.
+
+  rollout = prefill + decode; score = reference (LM head) + RM (+ critic) forwards (+ the old-policy forward
+  tunix adds); update = epochs × (policy + critic) forward + backward (3× a forward) + AdamW bytes. A scalar
+  head's forward is the LM forward minus the 2·D·V head FLOPs (and logit bytes) per token.
+  """
+  from experiments.benchmarks import roofline
+  c = roofline.phase_costs(cfg, batch=num_prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                           num_samples=num_samples, segment_lengths=segment_lengths)
+  rows_tokens = num_prompts * num_samples * (args.prompt_len + args.new_tokens)
+  lm = c["scoring forward"]
+  scalar = (lm.flops - rows_tokens * 2 * cfg.dim * cfg.vocab_size, lm.bytes - rows_tokens * 2 * cfg.vocab_size * 4)
+  n_scalar = 2 if critic else 1
+  n_lm = 2 if old_logprob_forward else 1
+  adam = 32 * cfg.num_params() * (2 if critic else 1)
+  return {
+      "rollout prefill": (c["rollout prefill"].flops, c["rollout prefill"].bytes),
+      "rollout decode": (c["rollout decode"].flops, c["rollout decode"].bytes),
+      "score": (n_lm * lm.flops + n_scalar * scalar[0], n_lm * lm.bytes + n_scalar * scalar[1]),
+      "update": (args.epochs * 3 * (lm.flops + (scalar[0] if critic else 0)),
+                 args.epochs * (3 * (lm.bytes + (scalar[1] if critic else 0)) + adam)),
+  }
+
+
+def roofline_table(args, results, cfg) -> str:
+  """Per phase: GFLOP by formula, measured ms, the bound (measured now) and % of it; the iteration's bound."""
+  from experiments.benchmarks import roofline
+  bounds = roofline.measure_bounds(repeats=3)
+  peak, bw = bounds["matmul f32"], bounds["DRAM copy bandwidth"]
+  lines = [f"matmul f32 peak {peak / 1e9:,.1f} GFLOP/s, DRAM copy {bw / 1e9:,.1f} GB/s (measured now)"]
+  header = ["side", "prompts×samples", "phase", "GFLOP", "ms", "achieved GFLOP/s", "bound ms", "% of bound"]
+  rows = []
+  for r in results:
+    costs = r.get("costs")
+    if costs is None:
+      continue
+    rows_n = r["prompts"] * r["samples_per_prompt"]
+    dec_peak, dec_bw = roofline.decode_bounds(cfg, rows_n, args.prompt_len, args.new_tokens, bounds)
+    bound = {
+        "rollout": (max(costs["rollout prefill"][0] / peak, costs["rollout prefill"][1] / bw)
+                    + max(costs["rollout decode"][0] / dec_peak, costs["rollout decode"][1] / dec_bw)),
+        "score": max(costs["score"][0] / peak, costs["score"][1] / bw),
+        "update": max(costs["update"][0] / peak, costs["update"][1] / bw),
+    }
+    flops = {"rollout": costs["rollout prefill"][0] + costs["rollout decode"][0], "score": costs["score"][0],
+             "update": costs["update"][0]}
+    measured = {"rollout": r["rollout_s"], "score": r["score_s"], "update": r["update_s"]}
+    bound["iteration"], flops["iteration"], measured["iteration"] = (sum(bound.values()), sum(flops.values()),
+                                                                      r["iteration_s"])
+    r["bound_s"] = bound["iteration"]
+    for ph in ("rollout", "score", "update", "iteration"):
+      rows.append([r["side"], f"{r['prompts']}×{r['samples_per_prompt']}", ph, f"{flops[ph] / 1e9:,.1f}",
+                   f"{measured[ph] * 1e3:,.1f}", f"{flops[ph] / measured[ph] / 1e9:,.1f}",
+                   f"{bound[ph] * 1e3:,.1f}", f"{bound[ph] / measured[ph]:.0%}"])
+  lines.append(_common.markdown_table(header, rows))
+  return "\n".join(lines)
 
 
 def bench_tunix(args, prompts_path: str):
@@ -213,6 +288,14 @@ def bench_tunix(args, prompts_path: str):
     sys.stderr.write(proc.stderr[-6000:])
     raise RuntimeError(f"tunix worker failed (exit {proc.returncode})")
   return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
+def _microbatch_rows(args, r) -> int:
+  from rlhf_jax.steps.common import microbatch_rows
+  mb = r["microbatch"]
+  mb = None if mb == "None" else (mb if mb == "auto" else int(mb))
+  return microbatch_rows(r["prompts"] * r["samples_per_prompt"] // args.minibatches,
+                         args.prompt_len + args.new_tokens - 1, mb)
 
 
 def row(r, *, new_tokens: int, tunix_s, tunix_cpu_s):
@@ -264,9 +347,27 @@ def main():
   print(f"\nPPO iteration, preset {args.preset} f32: {args.prompts} rollouts × {args.new_tokens} new tokens, "
         f"prompt length {args.prompt_len}, {args.epochs} epoch × {args.minibatches} minibatches; "
         f"median of {args.iters} after {args.warmup} warm-up; {args.threads} threads; "
-        f"load avg before {load_before}, after {load_after}\n")
+        f"load avg before {load_before}, after {load_after}")
+  from experiments.benchmarks import roofline
+  print(f"cpu flags: {roofline.cpu_flags()}; ours with scan_unroll {results[0]['scan_unroll']}, "
+        f"microbatch {results[0]['microbatch']} (resolved: {_microbatch_rows(args, results[0])} rows a chunk), "
+        f"draw {args.draw}\n")
   print(_common.markdown_table(header, [row(r, new_tokens=args.new_tokens, tunix_s=tunix_s, tunix_cpu_s=tunix_cpu_s)
                                                 for r in results]))
+  if not args.no_roofline:
+    from rlhf_jax import models
+    cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32")
+    if tunix:  # same shapes; its rollout per minibatch costs the same FLOPs; one more actor forward in `score`
+      tunix["costs"] = iteration_costs(cfg, args, num_prompts=args.prompts, num_samples=1, critic=True,
+                                       old_logprob_forward=True)
+    print(f"\nRoofline of the iteration (FLOPs by formula, experiments/benchmarks/roofline.py):\n")
+    print(roofline_table(args, results, cfg))
+    if tunix:
+      ours = results[0]
+      print(f"\n2× tunix = {tunix['iteration_s'] * 500:,.0f} ms an iteration; our 64×1 iteration's bound at the "
+            f"peaks measured now is {ours['bound_s'] * 1e3:,.0f} ms: 2× would take "
+            f"{ours['bound_s'] / (tunix['iteration_s'] / 2):.0%} of the bound over the whole iteration "
+            f"(we run at {ours['bound_s'] / ours['iteration_s']:.0%}).")
   if tunix:
     print(f"\ntunix score = old-logprob, reference, critic and RM forwards + GAE (its `prepare` minus rollout); "
           f"tunix rolls out 4 × {tunix['mini_batch']} rows per iteration (per minibatch). "

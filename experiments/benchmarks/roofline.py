@@ -7,8 +7,11 @@ samples, P prompt + G new tokens):
 - rollout prefill: `Sampler._prefill` (the prompt forward writing the cache);
 - rollout decode:  a full `Sampler` call minus the prefill;
 - scoring forward: `steps.completion_logprobs` over the returned [R, P + G] buffer
-  (what the reference / old-policy scoring does);
-- update:          one `make_ppo_step` (GRPO advantage, 1 epoch × 1 minibatch, AdamW).
+  (what the reference / old-policy scoring does), `--microbatch` rows at a time;
+- update:          one `make_ppo_step` (GRPO advantage, 1 epoch × 1 minibatch, AdamW, `--microbatch`).
+
+`--scan-unroll` / `--microbatch` default to -1, the run configs' auto settings (on CPU: every layer
+unrolled, ~1k-token chunks); `--scan-unroll 1 --microbatch 0` is the code before issue 15's update work.
 
 FLOPs and bytes come from the shapes (`phase_costs`, formulas in its docstring),
 the bounds are measured in the same run: the jnp matmul peak (2048², float32
@@ -201,6 +204,10 @@ def parse_args():
   ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
   ap.add_argument("--skip-update", action="store_true", help="time only the rollout and scoring phases")
   ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
+  ap.add_argument("--scan-unroll", type=int, default=-1,
+                  help="layers per scan iteration, as config.model.scan_unroll: -1 = auto (the run configs' default)")
+  ap.add_argument("--microbatch", type=int, default=-1,
+                  help="rows per scoring/update chunk, as config.model.microbatch: -1 = auto, 0 = whole batch")
   return ap.parse_args()
 
 
@@ -212,9 +219,12 @@ def run_preset(spec: str, args, bounds) -> list[list]:
   from rlhf_jax import losses, models, sampling
   from rlhf_jax.state import create_train_state
   from rlhf_jax.steps import PPOState, completion_logprobs, make_ppo_step
+  from rlhf_jax.steps.common import map_rows
 
   name, _, depth = spec.partition(":")
   cfg = models.get_model_config(name, dtype=args.dtype, n_layers=int(depth) if depth else None)
+  cfg = dataclasses.replace(cfg, scan_unroll=models.resolve_scan_unroll(args.scan_unroll, cfg.n_layers))
+  microbatch = "auto" if args.microbatch == -1 else (args.microbatch or None)
   label = spec + (f" ({cfg.dtype})")
   b, n, p, g = args.batch, args.num_samples, args.prompt_len, args.new_tokens
   params = models.init_params(cfg, jax.random.PRNGKey(0))
@@ -236,13 +246,14 @@ def run_preset(spec: str, args, bounds) -> list[list]:
   times["rollout decode"] = max(total - times["rollout prefill"], 1e-9)
   out = holder["out"]
   apply_fn = models.make_apply_fn(cfg)
-  score = jax.jit(lambda prm, t, m: completion_logprobs(apply_fn, prm, t, m, p, temperature=1.0))
+  score = jax.jit(lambda prm, t, m: map_rows(lambda t_, m_: completion_logprobs(apply_fn, prm, t_, m_, p),
+                                             microbatch, t, m))
   times["scoring forward"] = _common.time_calls(
       lambda: jax.block_until_ready(score(params, out.tokens, out.mask)), warmup=1, repeats=args.repeats)[0]
   if not args.skip_update:
     tx = optax.adamw(1e-5)
     step = jax.jit(make_ppo_step(apply_fn, tx, prompt_len=p, advantage="grpo", temperature=1.0, epochs=1,
-                                 minibatches=1), donate_argnums=(0,))
+                                 minibatches=1, microbatch=microbatch), donate_argnums=(0,))
     r = b * n
     batch = {"tokens": out.tokens, "mask": out.mask, "completion_mask": out.completion_mask,
              "old_logprobs": out.completion_logprobs, "ref_logprobs": out.completion_logprobs,
@@ -281,7 +292,8 @@ def main():
   import jax
   print(f"# roofline: batch {args.batch} x {args.num_samples} samples, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}")
-  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}")
+  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}; scan_unroll {args.scan_unroll}, microbatch "
+        f"{args.microbatch} (-1 = auto, as the run configs)")
   print(f"# load average at start: {_common.load_average()}")
   bounds = measure_bounds()
   print(bounds_table(bounds))

@@ -19,10 +19,15 @@ jax.numpy, and 2048² bfloat16 with jax.numpy.
     .venv-bench/bin/python experiments/benchmarks/sft_step.py                 # both sides
     .venv-bench/bin/python experiments/benchmarks/sft_step.py --torch-compile # + torch.compile
     .venv/bin/python experiments/benchmarks/sft_step.py --no-torch            # ours only
+
+Ours runs with the run configs' compute defaults (`--scan-unroll -1 --microbatch -1`: on CPU the layer scan
+unrolled and the batch ~1k tokens a forward/backward chunk, gradients accumulated); `--scan-unroll 1
+--microbatch 0` is the step before issue 15.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -41,6 +46,10 @@ def parse_args():
   ap.add_argument("--dtype", default="float32", help="our compute dtype (params and Adam stay float32)")
   ap.add_argument("--matmul-size", type=int, default=2048)
   ap.add_argument("--no-torch", action="store_true", help="skip the torch peer")
+  ap.add_argument("--scan-unroll", type=int, default=-1,
+                  help="layers per scan iteration, as config.model.scan_unroll: -1 = auto (the run configs' default)")
+  ap.add_argument("--microbatch", type=int, default=-1,
+                  help="rows per forward/backward chunk, as config.model.microbatch: -1 = auto, 0 = whole batch")
   ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model) (slow to build)")
   return ap.parse_args()
 
@@ -79,7 +88,8 @@ def bench_ours(cfg, tokens, args):
   st = state_lib.create_train_state(params, opt, jax.random.PRNGKey(1))
   tok = jnp.asarray(tokens, jnp.int32)             # [B, T+1]: T inputs, T targets
   batch = {"tokens": tok, "mask": jnp.ones_like(tok), "loss_mask": jnp.ones_like(tok)}
-  step = jax.jit(make_sft_step(models.make_apply_fn(cfg), opt), donate_argnums=(0,))
+  microbatch = "auto" if args.microbatch == -1 else (args.microbatch or None)
+  step = jax.jit(make_sft_step(models.make_apply_fn(cfg), opt, microbatch=microbatch), donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(st, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -125,7 +135,8 @@ def main():
   print(f"# SFT step: batch {args.batch} x {args.seq_len} tokens, our dtype {args.dtype}, threads {args.threads} "
         f"(cpu_count {os.cpu_count()}), jax {jax.__version__}"
         + (f", torch {torch.__version__}" if torch else f", torch peer skipped: {why}"))
-  print(f"# load average at start: {_common.load_average()}")
+  from experiments.benchmarks.roofline import cpu_flags
+  print(f"# cpu flags: {cpu_flags()}; load average at start: {_common.load_average()}")
   peaks = matmul_peaks(args.matmul_size, args.repeats)
   print(_common.markdown_table([f"matmul {args.matmul_size}² peak", "GFLOP/s"],
                                [[k, f"{v / 1e9:,.1f}"] for k, v in peaks.items()]))
@@ -133,6 +144,10 @@ def main():
   rows = []
   for preset in args.presets.split(","):
     cfg = models.get_model_config(preset, dtype=args.dtype)
+    cfg = dataclasses.replace(cfg, scan_unroll=models.resolve_scan_unroll(args.scan_unroll, cfg.n_layers))
+    from rlhf_jax.steps.common import microbatch_rows
+    mb = microbatch_rows(args.batch, args.seq_len, "auto" if args.microbatch == -1 else (args.microbatch or None))
+    print(f"#   {preset}: scan_unroll {cfg.scan_unroll}, {mb} rows a forward/backward chunk")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(args.batch, args.seq_len + 1))
     n_tok = args.batch * args.seq_len
     flops = model_flops(cfg, args.batch, args.seq_len)

@@ -133,6 +133,15 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def resolve_scan_unroll(value: Optional[int], n_layers: int) -> int:
+  """A run config's `model.scan_unroll`: -1 or None (auto) = every layer on the CPU backend (the straight-line
+  backward is 10–35% faster there), 1 elsewhere (short compiles at depth); k >= 1 = min(k, n_layers)."""
+  if value is None or int(value) == -1:
+    import jax  # pylint: disable=import-outside-toplevel
+    return n_layers if jax.default_backend() == "cpu" else 1
+  return min(int(value), n_layers)
+
+
 def get_model_config(preset: str, **overrides: Any) -> ModelConfig:
   """The named preset with fields replaced by `overrides` (None values ignored)."""
   if preset not in PRESETS:

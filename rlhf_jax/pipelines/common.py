@@ -37,19 +37,12 @@ def model_config(config) -> ModelConfig:
     path = hf_path(config)
     cfg = hf.config_from_hf(hf.read_hf_config(path), dtype=config.model.param_dtype,
                             where=os.path.join(path, "config.json"))
-    return dataclasses.replace(cfg, dtype=config.model.dtype, scan_unroll=scan_unroll(config, cfg.n_layers))
+    return dataclasses.replace(cfg, dtype=config.model.dtype,
+                               scan_unroll=models.resolve_scan_unroll(config.model.get("scan_unroll"), cfg.n_layers))
   over = {k: config.model.get(k) for k in _MODEL_OVERRIDES if config.model.get(k) is not None}
   cfg = models.get_model_config(config.model.preset, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                 **over)
-  return dataclasses.replace(cfg, scan_unroll=scan_unroll(config, cfg.n_layers))
-
-
-def scan_unroll(config, n_layers: int) -> int:
-  """`model.scan_unroll` resolved: -1 (auto) = every layer on the CPU backend, 1 elsewhere; k = min(k, layers)."""
-  k = config.model.get("scan_unroll")
-  if k is None or int(k) == -1:
-    return n_layers if jax.default_backend() == "cpu" else 1
-  return min(int(k), n_layers)
+  return dataclasses.replace(cfg, scan_unroll=models.resolve_scan_unroll(config.model.get("scan_unroll"), cfg.n_layers))
 
 
 def microbatch(config):
@@ -89,7 +82,7 @@ def init_policy_params(config, rng: jax.Array, mesh: Mesh) -> Any:
   cfg = model_config(config)
   if hf_path(config):
     loaded, params = models.load_pretrained(hf_path(config), head="lm", dtype=config.model.param_dtype, mesh=mesh)
-    assert dataclasses.replace(loaded, dtype=cfg.dtype) == cfg, (loaded, cfg)
+    assert dataclasses.replace(loaded, dtype=cfg.dtype, scan_unroll=cfg.scan_unroll) == cfg, (loaded, cfg)
     return params
   return jax.jit(lambda r: models.init_params(cfg, r), out_shardings=param_shardings(cfg, mesh))(rng)
 
@@ -159,7 +152,8 @@ def load_external_reward_model(config, policy_cfg: ModelConfig, mesh: Mesh) -> t
   if rm_cfg.vocab_size != policy_cfg.vocab_size:
     raise ValueError(f"config.rm.hf_path: vocab_size {rm_cfg.vocab_size} differs from the policy's "
                      f"{policy_cfg.vocab_size}; the reward model must share the policy's tokenizer")
-  return dataclasses.replace(rm_cfg, dtype=config.model.dtype), params
+  unroll = models.resolve_scan_unroll(config.model.get("scan_unroll"), rm_cfg.n_layers)
+  return dataclasses.replace(rm_cfg, dtype=config.model.dtype, scan_unroll=unroll), params
 
 
 def reward_statistics(config, rm_cfg: ModelConfig, rm_params: Any, sampler, policy_params: Any, tok: Tokenizer,

@@ -107,8 +107,8 @@ def run_sft(config, workdir: str) -> dict[str, Any]:
   batch_sh = shd.batch_sharding(mesh, 2)
   batch_shardings = {"tokens": batch_sh, "mask": batch_sh, "loss_mask": batch_sh}
   rep = shd.replicated(mesh)
-  train_step = jax.jit(make_sft_step(apply_fn, tx, microbatch=common.microbatch(config)), in_shardings=(state_sh, batch_shardings),
-                       out_shardings=(state_sh, rep), donate_argnums=0)
+  train_step = jax.jit(make_sft_step(apply_fn, tx, microbatch=common.microbatch(config)),
+                       in_shardings=(state_sh, batch_shardings), out_shardings=(state_sh, rep), donate_argnums=0)
   eval_step = jax.jit(make_sft_eval_step(apply_fn), in_shardings=(state_sh.params, batch_shardings),
                       out_shardings=rep)
 
