@@ -282,6 +282,25 @@ def roofline_table(args, results, cfg) -> str:
   return "\n".join(lines)
 
 
+def bench_tunix(args, prompts_path: str):
+  cmd = [args.tunix_python, WORKER, "--prompts-file", prompts_path, "--new-tokens", str(args.new_tokens),
+         "--mini-batch", str(args.prompts // args.minibatches), "--epochs", str(args.epochs),
+         "--warmup", str(args.warmup), "--iters", str(args.iters), "--threads", str(args.threads)]
+  from rlhf_jax import models
+  cfg = models.get_model_config(args.preset)
+  cmd += ["--vocab", str(cfg.vocab_size), "--dim", str(cfg.dim), "--layers", str(cfg.n_layers),
+          "--heads", str(cfg.n_heads), "--kv-heads", str(cfg.n_kv_heads), "--mlp", str(cfg.mlp_dim),
+          "--rope-theta", str(cfg.rope_theta), "--norm-eps", str(cfg.norm_eps)]
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  print("[ppo_vs_tunix] running the tunix worker: " + " ".join(cmd), file=sys.stderr, flush=True)
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.tunix_timeout)
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT_JSON ")]
+  if proc.returncode != 0 or not lines:
+    sys.stderr.write(proc.stderr[-6000:])
+    raise RuntimeError(f"tunix worker failed (exit {proc.returncode})")
+  return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
 def _microbatch_rows(args, r) -> int:
   from rlhf_jax.steps.common import microbatch_rows
   mb = r["microbatch"]
