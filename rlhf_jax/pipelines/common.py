@@ -46,9 +46,15 @@ def model_config(config) -> ModelConfig:
 
 
 def microbatch(config):
-  """`model.microbatch` as the steps take it: -1 = "auto", 0 = None (off), k = at most k rows."""
+  """`model.microbatch` as the steps take it: -1 = "auto", 0 = None (off), k = at most k rows.
+
+  Auto is off with LoRA: the chunk loop would carry a gradient accumulator for the frozen base as well (zeros,
+  but a loop buffer of the base's size); an explicit k still chunks.
+  """
   value = config.model.get("microbatch")
-  return "auto" if value is None or int(value) == -1 else (int(value) or None)
+  if value is None or int(value) == -1:
+    return None if lora_rank(config) else "auto"
+  return int(value) or None
 
 
 def make_mesh(config) -> Mesh:

@@ -202,3 +202,7 @@ def test_run_configs_resolve_the_auto_settings():
   assert common.model_config(config).scan_unroll == 2 and common.microbatch(config) is None
   config.model.scan_unroll, config.model.microbatch = 64, 8
   assert common.model_config(config).scan_unroll == cfg.n_layers and common.microbatch(config) == 8
+  config.model.microbatch, config.model.lora_rank = -1, 4  # LoRA: auto is off, an explicit size still chunks
+  assert common.microbatch(config) is None
+  config.model.microbatch = 4
+  assert common.microbatch(config) == 4
