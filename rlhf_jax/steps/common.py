@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,22 +70,23 @@ def completion_values(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_l
 # Tokens per chunk of "auto" micro-batching on XLA:CPU: a forward or backward over ~1k tokens of the tiny/small
 # presets at a time keeps its working set in cache (experiments/benchmarks/README.md, issue 15).
 AUTO_MICROBATCH_TOKENS = 1024
+Microbatch = Union[int, str, None]  # rows per chunk, "auto", or None / 0 for the whole batch
 
 
-def microbatch_rows(rows: int, tokens_per_row: int, microbatch) -> int:
+def microbatch_rows(rows: int, tokens_per_row: int, microbatch: Microbatch) -> int:
   """Rows per chunk: the largest divisor of `rows` that is at most the requested size.
 
   microbatch: None or 0 (whole batch), a number of rows, or "auto": on the CPU
   backend `AUTO_MICROBATCH_TOKENS // tokens_per_row` rows, elsewhere the whole
   batch (accelerators want the big matmuls).
   """
+  if microbatch is None:
+    return rows
   if microbatch == "auto":
     if jax.default_backend() != "cpu":
       return rows
     microbatch = max(1, AUTO_MICROBATCH_TOKENS // max(int(tokens_per_row), 1))
-  if microbatch is None or isinstance(microbatch, str) or int(microbatch) < 0:
-    if microbatch is None:
-      return rows
+  if isinstance(microbatch, str) or int(microbatch) < 0:
     raise ValueError(f"microbatch must be None, 'auto' or a number of rows >= 0, got {microbatch!r}")
   k = int(microbatch)
   if k == 0 or k >= rows:
@@ -93,13 +94,13 @@ def microbatch_rows(rows: int, tokens_per_row: int, microbatch) -> int:
   return max(d for d in range(1, k + 1) if rows % d == 0)
 
 
-def map_rows(fn: Callable, microbatch: Optional[int], *arrays):
+def map_rows(fn: Callable, microbatch: Microbatch, *arrays):
   """`fn(*arrays)` computed `microbatch` rows at a time (`lax.map`), the per-row results concatenated.
 
   `fn` must act on each row independently (a model forward); the result is
   that of one call on all rows. `microbatch`: see `microbatch_rows`. On XLA:CPU
-  a forward over ~2k tokens at a time runs 1.4–1.7× faster than over 8k (the
-  working set stays in cache; experiments/benchmarks/README.md).
+  a tiny-preset forward over 1–2k tokens at a time ran 1.6× faster than over 8k
+  (the working set stays in cache; experiments/RESULTS.md, issue 15).
   """
   rows = arrays[0].shape[0]
   n = rows // microbatch_rows(rows, arrays[0].shape[1] if arrays[0].ndim > 1 else 1, microbatch)
@@ -111,7 +112,7 @@ def map_rows(fn: Callable, microbatch: Optional[int], *arrays):
 
 
 def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: dict, *, fill,
-                           microbatch: Optional[int] = None, extra_fn: Optional[Callable] = None):
+                           microbatch: Microbatch = None, extra_fn: Optional[Callable] = None):
   """`((loss, aux), grads)` of `loss_fn(rows_fn(params, batch)) + extra_fn(params)`, the model run in row chunks.
 
   rows_fn(params, batch) -> per-row outputs (a pytree of [B, ...] arrays: a
@@ -126,8 +127,8 @@ def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: 
   extra_fn(params) -> (loss, metrics), optional: a term over other data (the
     rehearsal NLL), added to the loss; its metrics are merged into `aux`.
 
-  With `microbatch` (`microbatch_rows`: at most that many rows, or "auto") the gradient is accumulated
-  over chunks (`lax.scan`), each chunk's loss being `loss_fn` of `fill` with
+  With `microbatch` (`microbatch_rows`: at most that many rows, or "auto") the
+  gradient is accumulated over chunks (`lax.scan`), each chunk's loss being `loss_fn` of `fill` with
   the chunk's rows replaced by their outputs; the sum over chunks is the
   gradient of the whole batch's loss, and `(loss, aux)` are `loss_fn` of all
   outputs. Gradient accumulation on the same rows: one forward and one backward

@@ -30,8 +30,8 @@ import optax
 from rlhf_jax import losses, selection
 from rlhf_jax.losses import KLControllerState
 from rlhf_jax.state import TrainState, apply_gradients_with_status
-from rlhf_jax.steps.common import completion_logprobs, completion_values, map_rows, rowwise_value_and_grad, \
-    sequence_scores
+from rlhf_jax.steps.common import Microbatch, completion_logprobs, completion_values, map_rows, \
+    rowwise_value_and_grad, sequence_scores
 from rlhf_jax.steps.rehearsal import add_rehearsal_loss
 
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGES
@@ -71,7 +71,7 @@ def critic_from_reward_model(rm_params: Any, *, reward_mean: float, reward_std: 
 def make_score_fn(actor_apply: Callable, *, prompt_len: int, temperature: float = 1.0,
                   critic_apply: Optional[Callable] = None, reward_apply: Optional[Callable] = None,
                   reward_mean: float = 0.0, reward_std: float = 1.0, logprob_chunk: Optional[int] = None,
-                  microbatch: Optional[int] = None) -> Callable:
+                  microbatch: Microbatch = None) -> Callable:
   """`score(ref_params, critic_params, rm_params, tokens, mask) -> dict`: one fused call for a rollout.
 
   Returns `ref_logprobs` [R, G] (at `temperature`), `old_values` [R, G] when
@@ -147,7 +147,7 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
                   kl_horizon: float = 10_000.0, epochs: int = 1, minibatches: int = 1,
                   loss_agg: str = "seq_mean_token_mean", reward_clip: Optional[float] = 10.0,
                   entropy_coef: float = 0.0, rehearsal_coef: float = 0.0,
-                  logprob_chunk: Optional[int] = None, microbatch: Optional[int] = None) -> Callable:
+                  logprob_chunk: Optional[int] = None, microbatch: Microbatch = None) -> Callable:
   """`step(state: PPOState, batch) -> (state, metrics)`: one policy update on a scored rollout.
 
   Args:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ import optax
 
 from rlhf_jax import losses
 from rlhf_jax.state import TrainState, apply_gradients_with_status
-from rlhf_jax.steps.common import rowwise_value_and_grad
+from rlhf_jax.steps.common import Microbatch, rowwise_value_and_grad
 
 
 def sft_logits_targets(apply_fn: Callable, params: Any, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -21,7 +21,7 @@ def sft_logits_targets(apply_fn: Callable, params: Any, batch: dict) -> tuple[ja
 
 
 def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
-                  microbatch: Optional[Union[int, str]] = None) -> Callable:
+                  microbatch: Microbatch = None) -> Callable:
   """`step(state, batch) -> (state, metrics)` for batches from `tokenizer.encode_pairs`.
 
   batch: tokens, mask, loss_mask, each [B, L] int32 (prompt left-padded,
