@@ -203,7 +203,7 @@ def run_dpo(config, workdir: str) -> dict[str, Any]:
   truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), start)
   rep = shd.replicated(mesh)
   step_fn = jax.jit(make_dpo_step(models.make_apply_fn(cfg), tx, beta=dc.beta, loss_type=dc.loss_type,
-                                  label_smoothing=dc.label_smoothing),
+                                  label_smoothing=dc.label_smoothing, microbatch=common.microbatch(config)),
                     in_shardings=(state_sh, None), out_shardings=(state_sh, rep), donate_argnums=0)
   hyper = dict(beta=dc.beta, loss_type=dc.loss_type, label_smoothing=dc.label_smoothing)
 

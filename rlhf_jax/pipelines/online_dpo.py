@@ -121,7 +121,7 @@ def run_online_dpo(config, workdir: str) -> dict[str, Any]:
   rep = shd.replicated(mesh)
   hyper = dict(beta=oc.beta, loss_type=oc.loss_type, label_smoothing=oc.label_smoothing)
   inline = oc.reference == "inline"
-  step_fn = jax.jit(make_dpo_step(apply_fn, tx, reference=oc.reference, **hyper),
+  step_fn = jax.jit(make_dpo_step(apply_fn, tx, reference=oc.reference, microbatch=common.microbatch(config), **hyper),
                     in_shardings=(state_sh, None) + ((state_sh.params,) if inline else ()),
                     out_shardings=(state_sh, rep), donate_argnums=0)
   logps = jax.jit(make_sequence_logps_fn(apply_fn))

@@ -18,6 +18,7 @@ import optax
 from rlhf_jax import losses
 from rlhf_jax.losses.dpo import DPO_LOSS_TYPES
 from rlhf_jax.state import TrainState, apply_gradients_with_status
+from rlhf_jax.steps.common import Microbatch, map_rows, rowwise_value_and_grad
 
 REFERENCES = ("precomputed", "inline")
 _PAIR_KEYS = ("chosen_tokens", "chosen_mask", "chosen_loss_mask", "rejected_tokens", "rejected_mask",
@@ -73,7 +74,7 @@ def _check_batch(batch: dict, reference: str) -> None:
 
 def make_dpo_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *, beta: float,
                   loss_type: str = "sigmoid", label_smoothing: float = 0.0, reference: str = "precomputed",
-                  ref_apply_fn: Optional[Callable] = None) -> Callable:
+                  ref_apply_fn: Optional[Callable] = None, microbatch: Microbatch = None) -> Callable:
   """DPO update on preference pairs.
 
   With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), sequence
@@ -102,6 +103,8 @@ def make_dpo_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *
       log-probs from the batch; "inline" — `step(state, batch, ref_params)`
       computes them in the same call with `ref_apply_fn` (default `apply_fn`).
     ref_apply_fn: the reference model's apply_fn (inline only).
+    microbatch: pairs per forward/backward chunk (gradient accumulation, the same gradient;
+      `steps.common.microbatch_rows`: None, a number of pairs or "auto").
 
   Returns:
     `step(state, batch[, ref_params]) -> (state, metrics)`; metrics (all
@@ -124,9 +127,11 @@ def make_dpo_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *
     raise ValueError("`ref_apply_fn` is only used with reference='inline'")
   ref_apply_fn = apply_fn if ref_apply_fn is None else ref_apply_fn
 
-  def loss_fn(params, batch, ref_chosen_B, ref_rejected_B):
-    chosen_B, rejected_B = pair_logps(apply_fn, params, batch)
-    weights_B = jax.lax.stop_gradient(jnp.asarray(batch["weights"], jnp.float32))
+  def rows_fn(params, pairs):
+    return pair_logps(apply_fn, params, pairs)
+
+  def loss_fn(outputs, weights_B, ref_chosen_B, ref_rejected_B):
+    chosen_B, rejected_B = outputs
     loss, metrics = losses.dpo_loss(chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta,
                                     loss_type=loss_type, label_smoothing=label_smoothing, weights=weights_B)
     mean = lambda x: losses.masked_mean(jax.lax.stop_gradient(x), weights_B)
@@ -137,8 +142,12 @@ def make_dpo_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *
   def update(state: TrainState, batch: dict, ref_chosen_B, ref_rejected_B):
     ref_chosen_B = jax.lax.stop_gradient(jnp.asarray(ref_chosen_B, jnp.float32))
     ref_rejected_B = jax.lax.stop_gradient(jnp.asarray(ref_rejected_B, jnp.float32))
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, ref_chosen_B,
-                                                                       ref_rejected_B)
+    weights_B = jax.lax.stop_gradient(jnp.asarray(batch["weights"], jnp.float32))
+    pairs = {k: batch[k] for k in _PAIR_KEYS[:6]}
+    # The DPO loss is a weighted mean of per-pair terms: chunks of pairs accumulate the exact gradient.
+    (loss, metrics), grads = rowwise_value_and_grad(
+        rows_fn, lambda out: loss_fn(out, weights_B, ref_chosen_B, ref_rejected_B), state.params, pairs,
+        fill=(ref_chosen_B, ref_rejected_B), microbatch=microbatch)
     new_state, skipped = apply_gradients_with_status(state, grads, optimizer, loss=loss)
     return new_state, {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                        "train/skipped": skipped}
@@ -153,7 +162,9 @@ def make_dpo_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *
 
     def step(state: TrainState, batch: dict, ref_params):
       _check_batch(batch, reference)
-      ref_chosen_B, ref_rejected_B = pair_logps(ref_apply_fn, ref_params, batch)
+      pairs = {k: batch[k] for k in _PAIR_KEYS[:6]}
+      ref_chosen_B, ref_rejected_B = map_rows(lambda rows: pair_logps(ref_apply_fn, ref_params, rows), microbatch,
+                                              pairs)
       return update(state, batch, ref_chosen_B, ref_rejected_B)
 
   return step

@@ -1,8 +1,8 @@
 """Row micro-batching (rlhf_jax.steps.common): chunked forwards and gradient accumulation change nothing but speed.
 
 `map_rows` and `rowwise_value_and_grad` run a model `k` rows at a time; the results must be those of one call on
-the whole batch (to float32 summation order), for the PPO step (policy + critic, rehearsal), the SFT step and the
-scoring forwards, and for row counts the requested size does not divide. `ModelConfig.scan_unroll` likewise
+the whole batch (to float32 summation order), for the PPO step (policy + critic, rehearsal), the SFT and DPO steps
+and the scoring forwards, and for row counts the requested size does not divide. `ModelConfig.scan_unroll` likewise
 changes only how the layer scan is compiled.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from rlhf_jax import losses, models
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.state import create_train_state
-from rlhf_jax.steps import PPOState, make_ppo_score_fn, make_ppo_step, make_sft_step
+from rlhf_jax.steps import PPOState, make_dpo_step, make_ppo_score_fn, make_ppo_step, make_sft_step
 from rlhf_jax.steps.common import completion_logprobs, map_rows, microbatch_rows, rowwise_value_and_grad
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64, max_seq_len=32)
@@ -168,6 +168,33 @@ def test_sft_step_with_microbatches_equals_the_whole_batch(setup):
   assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
   for name in ("train/loss", "sft/accuracy", "sft/tokens", "train/grad_norm"):
     np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "inline"])
+def test_dpo_step_with_microbatches_equals_the_whole_batch(setup, reference):
+  """6 pairs in chunks of 4→3 (the inline reference's forward chunked too): the same update and metrics."""
+  params, _, batch = setup
+  apply_fn = models.make_apply_fn(CFG)
+  tx = optax.sgd(0.5)
+  t, m = batch["tokens"], batch["mask"]
+  loss_mask = m.at[:, :P].set(0)
+  pairs = {"chosen_tokens": t[:6], "chosen_mask": m[:6], "chosen_loss_mask": loss_mask[:6],
+           "rejected_tokens": t[6:], "rejected_mask": m[6:], "rejected_loss_mask": loss_mask[6:].at[:, 12:].set(0),
+           "weights": jnp.asarray([1.0, 1.0, 0.0, 1.0, 0.5, 1.0])}
+  ref = jax.tree.map(lambda x: x * 0.9, params)
+  if reference == "precomputed":
+    pairs["ref_chosen_logps"] = -60.0 + jnp.arange(6.0)
+    pairs["ref_rejected_logps"] = -61.0 + 0.5 * jnp.arange(6.0)
+  results = []
+  for k in (None, 4):
+    step = jax.jit(make_dpo_step(apply_fn, tx, beta=0.1, reference=reference, microbatch=k))
+    args = (ref,) if reference == "inline" else ()
+    results.append(step(create_train_state(params, tx, jax.random.PRNGKey(0)), pairs, *args))
+  (a, ma), (b, mb) = results
+  assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
+  for name in ("dpo/loss", "rewards/margin", "logps/chosen", "train/grad_norm"):
+    np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
+  assert float(ma["train/grad_norm"]) > 0
 
 
 def test_score_fn_with_microbatches_equals_one_call(setup):
