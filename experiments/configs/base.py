@@ -58,7 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Layers per iteration of the scan over layers (ModelConfig.scan_unroll): -1 = auto (all of them on CPU, where
   # the straight-line backward is 10–35% faster; 1 on accelerators: short compiles at depth). Not a shape field.
   config.model.scan_unroll = -1
-  # Rows per forward/backward chunk of the SFT and DPO steps and of RL scoring and updates (gradient accumulation:
+  # Rows per forward/backward chunk of the SFT, DPO and RM steps and of RL scoring and updates (gradient accumulation:
   # the same gradient, a smaller working set): -1 = auto (~1k tokens a chunk on CPU, whole batches on
   # accelerators), 0 = off, k = at most k rows (the largest divisor of the batch's rows up to k). Auto is off with
   # LoRA (the chunk loop would also carry an accumulator the size of the frozen base).

@@ -155,8 +155,8 @@ def run_am(config, workdir: str) -> dict[str, Any]:
   rep = shd.replicated(mesh)
   am_sh = AMState(model=state_sh, task_stats=jax.tree.map(lambda _: rep, am_state.task_stats))
   apply_fn = models.make_apply_fn(cfg, head="scalar")
-  rm_step = jax.jit(make_rm_step(apply_fn, tx, margin=rc.margin), in_shardings=(state_sh, None),
-                    out_shardings=(state_sh, rep), donate_argnums=0)
+  rm_step = jax.jit(make_rm_step(apply_fn, tx, margin=rc.margin, microbatch=common.microbatch(config)),
+                    in_shardings=(state_sh, None), out_shardings=(state_sh, rep), donate_argnums=0)
   am_step = jax.jit(make_am_step(apply_fn, tx, **_am_kwargs(config, num_tasks)), in_shardings=(am_sh, None),
                     out_shardings=(am_sh, rep), donate_argnums=0)
   eval_step = jax.jit(make_rm_eval_step(apply_fn))

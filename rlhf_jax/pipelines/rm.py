@@ -157,8 +157,8 @@ def run_rm(config, workdir: str) -> dict[str, Any]:
   bsh = shd.batch_sharding(mesh, 2)
   batch_sh = {k: bsh for k in ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")}
   rep = shd.replicated(mesh)
-  train_step = jax.jit(make_rm_step(apply_fn, tx, margin=rc.margin), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, rep), donate_argnums=0)
+  train_step = jax.jit(make_rm_step(apply_fn, tx, margin=rc.margin, microbatch=common.microbatch(config)),
+                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep), donate_argnums=0)
   eval_step = jax.jit(make_rm_eval_step(apply_fn), in_shardings=(state_sh.params, batch_sh))
   bs = min(rc.batch_size, len(train_src))
 

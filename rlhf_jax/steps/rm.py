@@ -10,7 +10,7 @@ import optax
 
 from rlhf_jax import losses
 from rlhf_jax.state import TrainState, apply_gradients
-from rlhf_jax.steps.common import sequence_scores
+from rlhf_jax.steps.common import Microbatch, rowwise_value_and_grad, sequence_scores
 
 
 def _pair_scores(apply_fn, params, batch):
@@ -23,22 +23,26 @@ def _pair_scores(apply_fn, params, batch):
 
 
 def make_rm_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
-                 margin: Optional[float] = None) -> Callable:
+                 margin: Optional[float] = None, microbatch: Microbatch = None) -> Callable:
   """`step(state, batch) -> (state, metrics)`; BT loss −log σ(r_c − r_r [− m]).
 
   batch: chosen_tokens, chosen_mask, rejected_tokens, rejected_mask, each
   [B, S] (prompt left-padded, response right-padded). `apply_fn` is a
   scalar-head model; the reward is its value at the last valid token.
+  microbatch: pairs per forward/backward chunk (the BT loss is a mean of per-pair
+  terms, so accumulating over chunks gives the same gradient; `steps.common.microbatch_rows`).
   """
 
-  def loss_fn(params, batch):
-    chosen, rejected = _pair_scores(apply_fn, params, batch)
+  def loss_fn(scores):
+    chosen, rejected = scores
     m = None if margin is None else jnp.full_like(chosen, margin)
-    loss, metrics = losses.bradley_terry_loss(chosen, rejected, margin=m)
-    return loss, metrics
+    return losses.bradley_terry_loss(chosen, rejected, margin=m)
 
   def step(state: TrainState, batch: dict):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    pairs = {k: batch[k] for k in ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")}
+    zeros = jnp.zeros(pairs["chosen_tokens"].shape[:1], jnp.float32)
+    (loss, metrics), grads = rowwise_value_and_grad(lambda p, rows: _pair_scores(apply_fn, p, rows), loss_fn,
+                                                    state.params, pairs, fill=(zeros, zeros), microbatch=microbatch)
     return apply_gradients(state, grads, optimizer), {**metrics, "train/loss": loss,
                                                      "train/grad_norm": optax.global_norm(grads)}
 

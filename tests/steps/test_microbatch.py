@@ -1,7 +1,7 @@
 """Row micro-batching (rlhf_jax.steps.common): chunked forwards and gradient accumulation change nothing but speed.
 
 `map_rows` and `rowwise_value_and_grad` run a model `k` rows at a time; the results must be those of one call on
-the whole batch (to float32 summation order), for the PPO step (policy + critic, rehearsal), the SFT and DPO steps
+the whole batch (to float32 summation order), for the PPO step (policy + critic, rehearsal), the SFT, DPO and RM steps
 and the scoring forwards, and for row counts the requested size does not divide. `ModelConfig.scan_unroll` likewise
 changes only how the layer scan is compiled.
 """
@@ -18,7 +18,8 @@ import pytest
 from rlhf_jax import losses, models
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.state import create_train_state
-from rlhf_jax.steps import PPOState, make_dpo_step, make_ppo_score_fn, make_ppo_step, make_sft_step
+from rlhf_jax.steps import PPOState, make_dpo_step, make_ppo_score_fn, make_ppo_step, make_rm_step, \
+    make_sft_step
 from rlhf_jax.steps.common import completion_logprobs, map_rows, microbatch_rows, rowwise_value_and_grad
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64, max_seq_len=32)
@@ -193,6 +194,21 @@ def test_dpo_step_with_microbatches_equals_the_whole_batch(setup, reference):
   (a, ma), (b, mb) = results
   assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
   for name in ("dpo/loss", "rewards/margin", "logps/chosen", "train/grad_norm"):
+    np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
+  assert float(ma["train/grad_norm"]) > 0
+
+
+def test_rm_step_with_microbatches_equals_the_whole_batch(setup):
+  _, critic, batch = setup
+  apply_fn = models.make_apply_fn(CFG, head="scalar")
+  tx = optax.sgd(0.5)
+  t, m = batch["tokens"], batch["mask"]
+  pairs = {"chosen_tokens": t[:6], "chosen_mask": m[:6], "rejected_tokens": t[6:], "rejected_mask": m[6:]}
+  results = [jax.jit(make_rm_step(apply_fn, tx, margin=0.5, microbatch=k))(
+      create_train_state(critic, tx, jax.random.PRNGKey(0)), pairs) for k in (None, 4)]
+  (a, ma), (b, mb) = results
+  assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
+  for name in ("rm/loss", "rm/accuracy", "rm/margin", "train/grad_norm"):
     np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
   assert float(ma["train/grad_norm"]) > 0
 
