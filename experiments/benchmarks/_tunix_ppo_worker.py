@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -246,6 +247,7 @@ def main():
       "first_iteration_s": iter_s[0],
       "setup_s": starts[0] - t_begin,
       "actor_updates": cluster.actor_trainer.train_steps,
+      "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,  # KiB on Linux
   }
   print("RESULT_JSON " + json.dumps(result), flush=True)
 

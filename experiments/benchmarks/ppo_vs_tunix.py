@@ -65,6 +65,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -350,6 +351,7 @@ def main():
       tunix = bench_tunix(args, path)
     results.append(tunix)
   load_after = _common.load_average()
+  ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux; before the roofline's buffers
 
   tunix_s = tunix["iteration_s"] if tunix else None
   tunix_cpu_s = tunix["cpu_s"] if tunix else None
@@ -382,6 +384,9 @@ def main():
             f"{ours['bound_s']['peak'] / ours['iteration_s']:.0%} / "
             f"{ours['bound_s']['shape'] / ours['iteration_s']:.0%} (tunix {tunix['bound_s']['peak'] / tunix['iteration_s']:.0%} / "
             f"{tunix['bound_s']['shape'] / tunix['iteration_s']:.0%}).")
+  print(f"\nPeak memory (process max RSS, the CPU 'device' memory): ours {ours_rss:.2f} GiB (all our rows in one "
+        f"process, the largest counts)" + (f", tunix {tunix['max_rss_gib']:.2f} GiB" if tunix and
+                                           "max_rss_gib" in tunix else "") + ".")
   if tunix:
     print(f"\ntunix score = old-logprob, reference, critic and RM forwards + GAE (its `prepare` minus rollout); "
           f"tunix rolls out 4 × {tunix['mini_batch']} rows per iteration (per minibatch). "
