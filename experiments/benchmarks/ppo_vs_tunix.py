@@ -307,7 +307,7 @@ def _microbatch_rows(args, r) -> int:
   mb = r["microbatch"]
   mb = None if mb == "None" else (mb if mb == "auto" else int(mb))
   return microbatch_rows(r["prompts"] * r["samples_per_prompt"] // args.minibatches,
-                         args.prompt_len + args.new_tokens - 1, mb)
+                         args.prompt_len + args.new_tokens, mb)  # the [rows, P + G] token buffer sizes "auto"
 
 
 def row(r, *, new_tokens: int, tunix_s, tunix_cpu_s):

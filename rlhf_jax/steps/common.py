@@ -94,6 +94,15 @@ def microbatch_rows(rows: int, tokens_per_row: int, microbatch: Microbatch) -> i
   return max(d for d in range(1, k + 1) if rows % d == 0)
 
 
+def _chunks(tree, microbatch: Microbatch) -> tuple[int, int]:
+  """(rows, number of chunks) of a pytree of row-major arrays; "auto" sizes chunks by the widest leaf (the
+  token buffer, not e.g. the completion-only advantages)."""
+  leaves = jax.tree.leaves(tree)
+  rows = leaves[0].shape[0]
+  tokens_per_row = max([x.shape[1] for x in leaves if x.ndim > 1], default=1)
+  return rows, rows // microbatch_rows(rows, tokens_per_row, microbatch)
+
+
 def map_rows(fn: Callable, microbatch: Microbatch, *arrays):
   """`fn(*arrays)` computed `microbatch` rows at a time (`lax.map`), the per-row results concatenated.
 
@@ -104,9 +113,7 @@ def map_rows(fn: Callable, microbatch: Microbatch, *arrays):
   a tiny-preset forward over 1–2k tokens at a time ran 1.6× faster than over 8k
   (the working set stays in cache; experiments/RESULTS.md, issue 15).
   """
-  first = jax.tree.leaves(arrays)[0]
-  rows = first.shape[0]
-  n = rows // microbatch_rows(rows, first.shape[1] if first.ndim > 1 else 1, microbatch)
+  rows, n = _chunks(arrays, microbatch)
   if n == 1:
     return fn(*arrays)
   chunks = jax.tree.map(lambda a: a.reshape(n, rows // n, *a.shape[1:]), arrays)
@@ -138,9 +145,7 @@ def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: 
   per row as without chunks, a working set `B / microbatch` times smaller.
   Without it (None), one `jax.value_and_grad` of the whole expression.
   """
-  first = jax.tree.leaves(batch)[0]
-  rows = first.shape[0]
-  n = rows // microbatch_rows(rows, first.shape[1] if first.ndim > 1 else 1, microbatch)
+  rows, n = _chunks(batch, microbatch)
 
   def full(p):
     loss, aux = loss_fn(rows_fn(p, batch))

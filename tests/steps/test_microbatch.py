@@ -20,7 +20,8 @@ from rlhf_jax.models import ModelConfig
 from rlhf_jax.state import create_train_state
 from rlhf_jax.steps import PPOState, make_dpo_step, make_ppo_score_fn, make_ppo_step, make_rm_step, \
     make_sft_step
-from rlhf_jax.steps.common import completion_logprobs, map_rows, microbatch_rows, rowwise_value_and_grad
+from rlhf_jax.steps.common import _chunks, completion_logprobs, map_rows, microbatch_rows, \
+    rowwise_value_and_grad
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64, max_seq_len=32)
 B, S, P = 12, 16, 6  # rows, buffer length, prompt length
@@ -49,6 +50,15 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+def assert_same_update(chunked, whole, names):
+  """Two `(state, metrics)` of one step: parameters and the named metrics equal; the step moved something."""
+  (b, mb), (a, ma) = chunked, whole
+  assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
+  for name in names:
+    np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
+  assert float(ma["train/grad_norm"]) > 0
+
+
 def test_microbatch_rows_is_the_largest_divisor_up_to_the_request():
   assert microbatch_rows(12, 16, None) == 12
   assert microbatch_rows(12, 16, 0) == 12
@@ -63,6 +73,15 @@ def test_microbatch_rows_is_the_largest_divisor_up_to_the_request():
     microbatch_rows(12, 16, -1)
   with pytest.raises(ValueError, match="microbatch"):
     microbatch_rows(12, 16, "fast")
+
+
+def test_auto_chunks_are_sized_by_the_token_buffer_not_the_first_leaf():
+  """A PPO minibatch's first leaf (sorted keys) is `advantages` [B, G]; auto must size by `tokens` [B, P + G]."""
+  mb = {"advantages": jnp.zeros((16, 64)), "tokens": jnp.zeros((16, 128), jnp.int32), "weights": jnp.zeros(16)}
+  rows, n = _chunks(mb, "auto")
+  assert rows == 16
+  if jax.default_backend() == "cpu":
+    assert n == 2  # 1024 // 128 = 8 rows a chunk
 
 
 def test_map_rows_equals_one_call(setup):
@@ -165,10 +184,7 @@ def test_sft_step_with_microbatches_equals_the_whole_batch(setup):
   results = [jax.jit(make_sft_step(apply_fn, tx, microbatch=k))(create_train_state(params, tx,
                                                                                    jax.random.PRNGKey(0)), sft_batch)
              for k in (None, 5)]
-  (a, ma), (b, mb) = results
-  assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
-  for name in ("train/loss", "sft/accuracy", "sft/tokens", "train/grad_norm"):
-    np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
+  assert_same_update(results[1], results[0], ("train/loss", "sft/accuracy", "sft/tokens", "train/grad_norm"))
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "inline"])
@@ -191,11 +207,7 @@ def test_dpo_step_with_microbatches_equals_the_whole_batch(setup, reference):
     step = jax.jit(make_dpo_step(apply_fn, tx, beta=0.1, reference=reference, microbatch=k))
     args = (ref,) if reference == "inline" else ()
     results.append(step(create_train_state(params, tx, jax.random.PRNGKey(0)), pairs, *args))
-  (a, ma), (b, mb) = results
-  assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
-  for name in ("dpo/loss", "rewards/margin", "logps/chosen", "train/grad_norm"):
-    np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
-  assert float(ma["train/grad_norm"]) > 0
+  assert_same_update(results[1], results[0], ("dpo/loss", "rewards/margin", "logps/chosen", "train/grad_norm"))
 
 
 def test_rm_step_with_microbatches_equals_the_whole_batch(setup):
@@ -206,11 +218,7 @@ def test_rm_step_with_microbatches_equals_the_whole_batch(setup):
   pairs = {"chosen_tokens": t[:6], "chosen_mask": m[:6], "rejected_tokens": t[6:], "rejected_mask": m[6:]}
   results = [jax.jit(make_rm_step(apply_fn, tx, margin=0.5, microbatch=k))(
       create_train_state(critic, tx, jax.random.PRNGKey(0)), pairs) for k in (None, 4)]
-  (a, ma), (b, mb) = results
-  assert_trees_close(b.params, a.params, rtol=1e-4, atol=1e-6)
-  for name in ("rm/loss", "rm/accuracy", "rm/margin", "train/grad_norm"):
-    np.testing.assert_allclose(float(mb[name]), float(ma[name]), rtol=1e-5, atol=1e-6)
-  assert float(ma["train/grad_norm"]) > 0
+  assert_same_update(results[1], results[0], ("rm/loss", "rm/accuracy", "rm/margin", "train/grad_norm"))
 
 
 def test_score_fn_with_microbatches_equals_one_call(setup):
