@@ -201,3 +201,19 @@ def test_inverse_cdf_draw_never_picks_zero_probability():
   draws = np.asarray(draws)
   assert set(draws[:, 0]) == {1, 3} and abs(np.mean(draws[:, 0] == 1) - 0.5) < 0.05
   assert np.all(draws[:, 1] == 4) and np.all(draws[:, 2] == 0)
+
+
+def test_first_argmax_is_argmax_and_gumbel_draw_is_jax_categorical():
+  """The two-reduce argmax picks jnp.argmax's (first) index, ties included, and the Gumbel draw is
+  `jax.random.categorical`'s: same key, same token (the recorded runs' random stream)."""
+  from rlhf_jax.sampling import first_argmax, sample_token  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.PRNGKey(1), (64, 50))
+  ties = jnp.round(x * 2) / 2  # many equal maxima
+  for a in (x, ties, jnp.zeros((3, 7)), x.at[:, -1].set(jnp.inf)):
+    np.testing.assert_array_equal(first_argmax(a), jnp.argmax(a, axis=-1))
+  sp = SamplingParams(max_new_tokens=1, temperature=0.7, top_k=20)
+  for seed in range(5):
+    key = jax.random.PRNGKey(seed)
+    token, _ = sample_token(x, key, sp)
+    want = jax.random.categorical(key, filter_logits(x / 0.7, top_k=20), axis=-1)
+    np.testing.assert_array_equal(token, want)

@@ -236,10 +236,13 @@ class Transformer(nn.Module):
   """Decoder-only LM; `head` is "lm" (logits) or "scalar" (per-token values).
 
   __call__(tokens_BxT, mask_BxT, *, positions_BxT=None, cache=None,
-           cache_index=0, kv_mask_BxS=None, return_hidden=False)
+           cache_index=0, kv_mask_BxS=None, return_hidden=False, out_from=0)
     -> (out, new_cache)  where out is logits [B,T,V] (float32 for the lm
        head... in the compute dtype), values [B,T] (float32), or, with
        return_hidden, the final normalised hidden states [B,T,D].
+  `out_from` (a static int) returns `out` for positions [out_from, T) only: the
+  final norm and the head skip the positions nobody reads (the prompt, when only
+  a completion is scored), which for a large vocabulary is much of a forward.
   """
 
   cfg: ModelConfig
@@ -247,7 +250,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, mask_BxT=None, *, positions_BxT=None, cache=None, cache_index=0,
-               kv_mask_BxS=None, return_hidden=False):
+               kv_mask_BxS=None, return_hidden=False, out_from=0):
     cfg = self.cfg
     if self.head not in ("lm", "scalar"):
       raise ValueError(f"Transformer.head must be 'lm' or 'scalar', got {self.head!r}")
@@ -287,7 +290,9 @@ class Transformer(nn.Module):
         caches.append(c)
       new_cache = None if cache is None else tuple(caches)
 
-    h = RMSNorm(cfg, name="final_norm")(x)
+    if not 0 <= out_from < x.shape[1]:
+      raise ValueError(f"out_from={out_from} must lie in [0, T={x.shape[1]})")
+    h = RMSNorm(cfg, name="final_norm")(x[:, out_from:] if out_from else x)
     if return_hidden:
       return h, new_cache
     if self.head == "scalar":

@@ -42,13 +42,12 @@ def completion_logprobs(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt
   targets_BxG = tokens_BxS[:, prompt_len:]
   if chunk:
     from rlhf_jax.models.logprobs import chunked_completion_logprobs  # pylint: disable=import-outside-toplevel
-    hidden, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1], return_hidden=True)
+    hidden = _completion_outputs(apply_fn, params, tokens_BxS, mask_BxS, prompt_len, return_hidden=True)
     base = params.get("base", params)  # LoRA adapts attention and MLP only: the unembedding is the base's
     unembed_DxV = base["lm_head"] if "lm_head" in base else base["embedding"].T
-    return chunked_completion_logprobs(hidden[:, prompt_len - 1:], unembed_DxV, targets_BxG, chunk=chunk,
+    return chunked_completion_logprobs(hidden, unembed_DxV, targets_BxG, chunk=chunk,
                                        temperature=temperature, with_entropy=with_entropy)
-  logits, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1])
-  logits_BxGxV = logits[:, prompt_len - 1:]
+  logits_BxGxV = _completion_outputs(apply_fn, params, tokens_BxS, mask_BxS, prompt_len)
   if temperature != 1.0:
     logits_BxGxV = logits_BxGxV.astype(jnp.float32) / temperature
   lp = losses.token_logprobs(logits_BxGxV, targets_BxG)
@@ -63,8 +62,18 @@ def completion_values(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_l
   The state before completion token t is the prefix ending at slot
   prompt_len + t − 1, so the value is read there.
   """
-  values, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1])
-  return values[:, prompt_len - 1:]
+  return _completion_outputs(apply_fn, params, tokens_BxS, mask_BxS, prompt_len)
+
+
+def _completion_outputs(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt_len: int, **kwargs) -> jax.Array:
+  """The model's outputs at slots [prompt_len − 1, S − 1): those that predict (or value) the completion.
+
+  Asks the model for those positions only (`out_from`, the Transformer's: no final norm and head on the
+  prompt); an `apply_fn` that ignores `out_from` and returns every position is sliced here.
+  """
+  out, _ = apply_fn(params, tokens_BxS[:, :-1], mask_BxS[:, :-1], out_from=prompt_len - 1, **kwargs)
+  g = tokens_BxS.shape[1] - prompt_len
+  return out if out.shape[1] == g else out[:, prompt_len - 1:]
 
 
 # Tokens per chunk of "auto" micro-batching on XLA:CPU: a forward or backward over ~1k tokens of the tiny/small

@@ -100,6 +100,24 @@ def test_scalar_head_from_lm_backbone(tiny):
   np.testing.assert_allclose(h_lm, h_v)
 
 
+def test_out_from_returns_the_tail_of_every_output(tiny):
+  """`out_from=k` gives positions [k, T) of the full output, for logits, values and hidden states."""
+  cfg, params, _ = tiny
+  toks = jax.random.randint(jax.random.PRNGKey(5), (3, 9), 0, cfg.vocab_size)
+  mask = jnp.ones_like(toks).at[0, :2].set(0)  # a left-padded row
+  vparams = models.lm_to_scalar_params(params, cfg, jax.random.PRNGKey(6))
+  vparams = dict(vparams, score_head=jax.random.normal(jax.random.PRNGKey(7), vparams["score_head"].shape))
+  for head, p in (("lm", params), ("scalar", vparams)):
+    apply = models.make_apply_fn(cfg, head=head)
+    for kw in ({}, {"return_hidden": True}):
+      full, _ = apply(p, toks, mask, **kw)
+      tail, _ = apply(p, toks, mask, out_from=4, **kw)
+      assert tail.shape == full[:, 4:].shape
+      np.testing.assert_allclose(tail, full[:, 4:], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="out_from=9"):
+    models.make_apply_fn(cfg)(params, toks, mask, out_from=9)
+
+
 def test_bad_config_names_the_field():
   with pytest.raises(ValueError, match="n_kv_heads"):
     get_model_config("tiny", n_kv_heads=3)
