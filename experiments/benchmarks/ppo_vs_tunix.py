@@ -213,17 +213,20 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
 
 
 def iteration_costs(cfg, args, *, num_prompts: int, num_samples: int, critic: bool, segment_lengths=None,
-                    old_logprob_forward: bool = False) -> dict:
+                    old_logprob_forward: bool = False, head_on_all_slots: bool = False) -> dict:
   """FLOPs and bytes of each phase of one iteration, by `roofline.phase_costs`'s formulas.
 
   rollout = prefill + decode; score = reference (LM head) + RM (+ critic) forwards (+ the old-policy forward
   tunix adds); update = epochs × (policy + critic) forward + backward (3× a forward) + AdamW bytes. A scalar
-  head's forward is the LM forward minus the 2·D·V head FLOPs (and logit bytes) per token.
+  head's forward is the LM forward minus the 2·D·V head FLOPs (and logit bytes) per headed slot: the
+  G completion slots on our side, all S slots with `head_on_all_slots` (tunix slices the logits after).
   """
   from experiments.benchmarks import roofline
   c = roofline.phase_costs(cfg, batch=num_prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                           num_samples=num_samples, segment_lengths=segment_lengths)
-  rows_tokens = num_prompts * num_samples * (args.prompt_len + args.new_tokens)
+                           num_samples=num_samples, segment_lengths=segment_lengths,
+                           head_on_all_slots=head_on_all_slots)
+  headed = args.prompt_len + args.new_tokens if head_on_all_slots else args.new_tokens
+  rows_tokens = num_prompts * num_samples * headed
   lm = c["scoring forward"]
   scalar = (lm.flops - rows_tokens * 2 * cfg.dim * cfg.vocab_size, lm.bytes - rows_tokens * 2 * cfg.vocab_size * 4)
   n_scalar = 2 if critic else 1
@@ -372,7 +375,7 @@ def main():
     cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32")
     if tunix:  # same shapes; its rollout per minibatch costs the same FLOPs; one more actor forward in `score`
       tunix["costs"] = iteration_costs(cfg, args, num_prompts=args.prompts, num_samples=1, critic=True,
-                                       old_logprob_forward=True)
+                                       old_logprob_forward=True, head_on_all_slots=True)
     print(f"\nRoofline of the iteration (FLOPs by formula, experiments/benchmarks/roofline.py):\n")
     print(roofline_table(args, results, cfg))
     if tunix:

@@ -63,7 +63,7 @@ def _dtype_bytes(name: str) -> int:
 
 
 def phase_costs(cfg, *, batch: int, prompt_len: int, new_tokens: int, num_samples: int = 1,
-                segment_lengths=None) -> dict[str, Cost]:
+                segment_lengths=None, head_on_all_slots: bool = False) -> dict[str, Cost]:
   """FLOPs and bytes moved of each phase, from the shapes (what our code computes, not the causal minimum).
 
   Notation: L layers, D width, H / K query / KV heads of size Dh, F MLP width, V vocabulary,
@@ -76,8 +76,10 @@ def phase_costs(cfg, *, batch: int, prompt_len: int, new_tokens: int, num_sample
   - decode, summed over steps 1..G-1 (step t attends over its segment's s_t cache slots):
     R·(2W + 2·D·V + 4·L·H·Dh·s_t); bytes per step: weights (W + V·D)·c + KV read 2·L·R·K·Dh·s_t·c
     + logits R·V·4.
-  - scoring forward over [R, S]: R·S·(2W + 2·D·V + 4·L·H·Dh·S); bytes: weights + R·S·L·A
-    + scores 2·R·H·S²·L·4 + logits 2·R·S·V·4.
+  - scoring forward over [R, S]: R·S·(2W + 4·L·H·Dh·S) + R·G·2·D·V (our head runs on the G scored
+    slots only, `Transformer(out_from=)`; `head_on_all_slots`: on all S, as peers that slice the
+    logits afterwards); bytes: weights + R·S·L·A + scores 2·R·H·S²·L·4 + logits 2·R·G·V·4 (S with
+    `head_on_all_slots`).
   - update (forward + backward + AdamW): 3× the scoring FLOPs and bytes, plus 32 bytes a
     float32 parameter (read p, g, m, v; write p, m, v, g).
   """
@@ -99,8 +101,9 @@ def phase_costs(cfg, *, batch: int, prompt_len: int, new_tokens: int, num_sample
     fl += r * (2 * w + 2 * d * v + 4 * l * h * hd * slots)
     by += weights + 2 * l * r * k * hd * slots * c + r * v * 4
   out["rollout decode"] = Cost(fl, by)
-  fwd = Cost(r * s * (2 * w + 2 * d * v + 4 * l * h * hd * s),
-             weights + r * s * l * act + 2 * r * h * s * s * l * 4 + 2 * r * s * v * 4)
+  head = s if head_on_all_slots else g
+  fwd = Cost(r * s * (2 * w + 4 * l * h * hd * s) + r * head * 2 * d * v,
+             weights + r * s * l * act + 2 * r * h * s * s * l * 4 + 2 * r * head * v * 4)
   out["scoring forward"] = fwd
   out["update"] = Cost(3 * fwd.flops, 3 * fwd.bytes + 32 * cfg.num_params())
   return out

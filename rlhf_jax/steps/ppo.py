@@ -195,8 +195,10 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
   # Each loss is a per-row forward (`*_rows`) and a loss of its outputs that sums per-row terms with fixed
   # normalisers, so `rowwise_value_and_grad` can run the forward `microbatch` rows at a time.
   def policy_rows(params, mb):
-    return completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
-                               temperature=temperature, with_entropy=True, chunk=logprob_chunk)
+    lp, ent = completion_logprobs(actor_apply, params, mb["tokens"], mb["mask"], prompt_len,
+                                  temperature=temperature, with_entropy=True, chunk=logprob_chunk)
+    # Without an entropy bonus the entropy is a metric only: no backward pass through it.
+    return lp, ent if entropy_coef else jax.lax.stop_gradient(ent)
 
   def policy_loss_fn(outputs, mb, kl_coef):
     lp, ent = outputs

@@ -238,3 +238,24 @@ def test_chunked_log_probs_give_the_same_update():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-6)
   for key in ("policy/loss", "policy/entropy", "policy/kl_loss", "policy/ratio_mean"):
     np.testing.assert_allclose(float(ma[key]), float(mb[key]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("coef", [0.0, 0.3])
+def test_entropy_bonus_gradient_is_the_entropy_gradient(coef):
+  """With zero advantages and no KL the only gradient is −coef·∇H(π); without a bonus the entropy is a
+  metric only (no backward through it) and the policy does not move."""
+  logits = jnp.asarray([0.5, -1.0, 2.0, 0.0, 0.3, -0.2], jnp.float32)
+  lr = 0.1
+  step = jax.jit(make_ppo_step(bandit_apply, optax.sgd(lr), prompt_len=1, advantage="grpo", epochs=1,
+                               minibatches=1, entropy_coef=coef, kl_in_reward=False))
+  actor = create_train_state({"logits": logits}, optax.sgd(lr), jax.random.PRNGKey(0))
+  state = PPOState(actor=actor, critic=None, kl=losses.init_kl_controller(0.0))
+  lp = jax.nn.log_softmax(logits)
+  batch = {"tokens": jnp.stack([jnp.zeros(K, jnp.int32), jnp.arange(K)], 1), "mask": jnp.ones((K, 2), jnp.int32),
+           "completion_mask": jnp.ones((K, 1), jnp.float32), "old_logprobs": lp[:, None], "ref_logprobs": lp[:, None],
+           "scores": jnp.zeros(K), "advantages": jnp.zeros(K), "weights": jnp.ones(K)}
+  new, metrics = step(state, batch)
+  entropy = lambda x: -jnp.sum(jax.nn.softmax(x) * jax.nn.log_softmax(x))  # noqa: E731
+  np.testing.assert_allclose(metrics["policy/entropy"], entropy(logits), rtol=1e-5)
+  want = logits + lr * coef * jax.grad(entropy)(logits)
+  np.testing.assert_allclose(new.actor.params["logits"], want, rtol=1e-5, atol=1e-7)
