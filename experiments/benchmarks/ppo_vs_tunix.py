@@ -17,6 +17,8 @@ sensitive than wall-clock to other load on a shared machine).
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --no-tunix   # ours only
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --scan-unroll 1 --microbatch 0   # before issue 15
+    # paired rounds (ours, then tunix, 5 times; ~8 min): medians and the same-round speed-ups
+    .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --grpo --rounds 5
 
 Ours runs with the run configs' compute defaults (`model.scan_unroll` and `model.microbatch` = -1, auto: on CPU
 the layer scan unrolled and forwards/backwards ~1k tokens at a time); the flags set them. After the tables, a
@@ -105,6 +107,10 @@ def parse_args():
   ap.add_argument("--no-tunix", action="store_true", help="time ours only")
   ap.add_argument("--grpo", action="store_true",
                   help="also time our critic-free GRPO iteration at --grouped (no critic: not tunix's algorithm)")
+  ap.add_argument("--rounds", type=int, default=1,
+                  help="repeat the whole measurement (ours, then tunix) this many times; the table gives each "
+                       "field's median over rounds and the paired (same-round) speed-ups are listed: this VM's "
+                       "speed drifts by ±15%% over minutes")
   ap.add_argument("--json", default="", help="also write both results to this file")
   return ap.parse_args()
 
@@ -313,6 +319,19 @@ def _microbatch_rows(args, r) -> int:
                          args.prompt_len + args.new_tokens, mb)  # the [rows, P + G] token buffer sizes "auto"
 
 
+def _median_over_rounds(runs: list) -> dict:
+  """One row's result with every timing field the median over rounds (the per-round values kept)."""
+  if len(runs) == 1:
+    return runs[0]
+  out = dict(runs[0])
+  for key in ("iteration_s", "rollout_s", "score_s", "update_s", "cpu_s", "prepare_s"):
+    if key in out:
+      out[key] = statistics.median(r[key] for r in runs)
+  out["rounds"] = [{k: r[k] for k in ("iteration_s", "rollout_s", "score_s", "update_s", "cpu_s") if k in r}
+                   for r in runs]
+  return out
+
+
 def row(r, *, new_tokens: int, tunix_s, tunix_cpu_s):
   rollouts = r["prompts"] * r["samples_per_prompt"]
   ms = lambda s: 1000.0 * s  # noqa: E731
@@ -338,21 +357,29 @@ def main():
   prompts = make_prompts(args, models.get_model_config(args.preset).vocab_size)
   load_before = _common.load_average()
 
-  results = [bench_ours(args, prompts, num_prompts=args.prompts, num_samples=1)]
   if args.grouped:
     p, n = (int(x) for x in args.grouped.lower().split("x"))
     if p * n != args.prompts:
       sys.exit(f"--grouped={args.grouped} must give {args.prompts} rollouts")
-    results.append(bench_ours(args, prompts, num_prompts=p, num_samples=n))
-    if args.grpo:  # the critic-free iteration on the same rollouts: a different algorithm from tunix's PPO row
-      results.append(bench_ours(args, prompts, num_prompts=p, num_samples=n, advantage="grpo"))
-  tunix = None
-  if not args.no_tunix:
-    with tempfile.TemporaryDirectory() as tmp:
-      path = os.path.join(tmp, "prompts.npy")
-      np.save(path, prompts)
-      tunix = bench_tunix(args, path)
-    results.append(tunix)
+  if args.rounds < 1:
+    sys.exit(f"--rounds={args.rounds} must be >= 1")
+  rounds = []
+  for i in range(args.rounds):
+    if args.rounds > 1:
+      print(f"[ppo_vs_tunix] round {i + 1} of {args.rounds}", file=sys.stderr, flush=True)
+    res = [bench_ours(args, prompts, num_prompts=args.prompts, num_samples=1)]
+    if args.grouped:
+      res.append(bench_ours(args, prompts, num_prompts=p, num_samples=n))
+      if args.grpo:  # the critic-free iteration on the same rollouts: a different algorithm from tunix's PPO row
+        res.append(bench_ours(args, prompts, num_prompts=p, num_samples=n, advantage="grpo"))
+    if not args.no_tunix:
+      with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "prompts.npy")
+        np.save(path, prompts)
+        res.append(bench_tunix(args, path))
+    rounds.append(res)
+  results = [_median_over_rounds([rd[j] for rd in rounds]) for j in range(len(rounds[0]))]
+  tunix = results[-1] if not args.no_tunix else None
   load_after = _common.load_average()
   ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux; before the roofline's buffers
 
@@ -370,6 +397,14 @@ def main():
         f"draw {args.draw}\n")
   print(_common.markdown_table(header, [row(r, new_tokens=args.new_tokens, tunix_s=tunix_s, tunix_cpu_s=tunix_cpu_s)
                                                 for r in results]))
+  if args.rounds > 1:
+    print(f"\n(each field: the median over {args.rounds} rounds of the per-round medians; speed-ups are of those)")
+    if tunix:
+      for j, r in enumerate(results[:-1]):
+        paired = [rd[-1]["iteration_s"] / rd[j]["iteration_s"] for rd in rounds]
+        r["paired_speedups"] = paired
+        print(f"paired speed-up, {r['side']} {r['prompts']}×{r['samples_per_prompt']} (tunix / ours in the same "
+              f"round): {', '.join(f'{x:.2f}×' for x in paired)}; median {statistics.median(paired):.2f}×")
   if not args.no_roofline:
     from rlhf_jax import models
     cfg = models.get_model_config(args.preset, dtype="float32", param_dtype="float32")
