@@ -372,6 +372,8 @@ def main():
       res.append(bench_ours(args, prompts, num_prompts=p, num_samples=n))
       if args.grpo:  # the critic-free iteration on the same rollouts: a different algorithm from tunix's PPO row
         res.append(bench_ours(args, prompts, num_prompts=p, num_samples=n, advantage="grpo"))
+    if i == 0:  # KiB on Linux; before the roofline's buffers and later rounds' copies
+      ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     if not args.no_tunix:
       with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "prompts.npy")
@@ -381,7 +383,6 @@ def main():
   results = [_median_over_rounds([rd[j] for rd in rounds]) for j in range(len(rounds[0]))]
   tunix = results[-1] if not args.no_tunix else None
   load_after = _common.load_average()
-  ours_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux; before the roofline's buffers
 
   tunix_s = tunix["iteration_s"] if tunix else None
   tunix_cpu_s = tunix["cpu_s"] if tunix else None
@@ -422,8 +423,8 @@ def main():
             f"{ours['bound_s']['peak'] / ours['iteration_s']:.0%} / "
             f"{ours['bound_s']['shape'] / ours['iteration_s']:.0%} (tunix {tunix['bound_s']['peak'] / tunix['iteration_s']:.0%} / "
             f"{tunix['bound_s']['shape'] / tunix['iteration_s']:.0%}).")
-  print(f"\nPeak memory (process max RSS, the CPU 'device' memory): ours {ours_rss:.2f} GiB (all our rows in one "
-        f"process, the largest counts)" + (f", tunix {tunix['max_rss_gib']:.2f} GiB" if tunix and
+  print(f"\nPeak memory (process max RSS, the CPU 'device' memory): ours {ours_rss:.2f} GiB (all our rows of the "
+        f"first round in one process, the largest counts)" + (f", tunix {tunix['max_rss_gib']:.2f} GiB" if tunix and
                                            "max_rss_gib" in tunix else "") + ".")
   if tunix:
     print(f"\ntunix score = old-logprob, reference, critic and RM forwards + GAE (its `prepare` minus rollout); "
