@@ -17,7 +17,7 @@ sensitive than wall-clock to other load on a shared machine).
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --no-tunix   # ours only
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --scan-unroll 1 --microbatch 0   # before issue 15
-    # paired rounds (ours, then tunix, 5 times; ~8 min): medians and the same-round speed-ups
+    # paired rounds (ours, then tunix, 5 times; ~10 min): medians and the same-round speed-ups
     .venv/bin/python experiments/benchmarks/ppo_vs_tunix.py --grpo --rounds 5
 
 Ours runs with the run configs' compute defaults (`model.scan_unroll` and `model.microbatch` = -1, auto: on CPU
