@@ -230,8 +230,9 @@ class Sampler:
     cache = init_cache(self.cfg, b, p)
     hidden, cache = self.model.apply({"params": unscan_params(self.cfg, params)}, prompt_tokens_BxP, prompt_mask_BxP,
                                      positions_BxT=positions_from_mask(prompt_mask_BxP), cache=cache,
-                                     cache_index=0, kv_mask_BxS=prompt_mask_BxP, return_hidden=True)
-    # Only the last position's logits are needed: B·D·V head FLOPs instead of B·P·D·V.
+                                     cache_index=0, kv_mask_BxS=prompt_mask_BxP, return_hidden=True, out_from=p - 1)
+    # Only the last position's logits are needed: B·D·V head FLOPs instead of B·P·D·V, and the last layer
+    # computes that position's query and MLP only (`out_from`; every position still writes its keys and values).
     dt = jnp.dtype(self.cfg.dtype)
     last_logits = jnp.dot(hidden[:, -1, :], unembedding(params, self.cfg).astype(dt))
     rep = lambda x: jnp.repeat(x, n, axis=0)  # the prompt is computed once, shared by its N samples

@@ -32,6 +32,7 @@ import os
 import resource
 import sys
 import time
+from typing import Optional
 
 from experiments.benchmarks import _common
 
@@ -63,36 +64,47 @@ def _dtype_bytes(name: str) -> int:
 
 
 def phase_costs(cfg, *, batch: int, prompt_len: int, new_tokens: int, num_samples: int = 1,
-                segment_lengths=None, head_on_all_slots: bool = False) -> dict[str, Cost]:
+                segment_lengths=None, head_on_all_slots: bool = False,
+                full_last_layer: Optional[bool] = None) -> dict[str, Cost]:
   """FLOPs and bytes moved of each phase, from the shapes (what our code computes, not the causal minimum).
 
   Notation: L layers, D width, H / K query / KV heads of size Dh, F MLP width, V vocabulary,
-  W = L·(2·D·H·Dh + 2·D·K·Dh + 3·D·F) matrix weights, c compute-dtype bytes, R = B·N rows,
-  S = P + G slots. Per token the matrices cost 2·W FLOPs and the head 2·D·V; attention over s
-  keys costs 4·L·H·Dh·s. Activations touched per token and layer: A = (6·D + 2·(H + 2K)·Dh + 3·F)·c.
+  W = L·(2·D·H·Dh + 2·D·K·Dh + 3·D·F) matrix weights, Wq = 2·D·H·Dh + 3·D·F the part of one layer's
+  that only query positions use (q, o, MLP), c compute-dtype bytes, R = B·N rows, S = P + G slots.
+  Per token the matrices cost 2·W FLOPs and the head 2·D·V; attention over s keys costs 4·L·H·Dh·s.
+  Activations touched per token and layer: A = (6·D + 2·(H + 2K)·Dh + 3·F)·c. The last layer runs its
+  queries, attention and MLP only on the positions whose outputs are read (`Transformer(out_from=)`:
+  Q = 1 in the prefill, G in scoring); every position still costs it k and v.
 
-  - prefill: B·P·(2W + 4·L·H·Dh·P) + 2·B·D·V (head on the last position only);
-    bytes: weights (W + V·D)·c + B·P·L·A + KV written 2·L·B·P·K·Dh·c.
+  - prefill: B·(P·2W − (P − 1)·2·Wq + 4·H·Dh·P·((L − 1)·P + 1)) + 2·B·D·V (head on the last position only);
+    bytes: weights (W + V·D)·c + B·((L − 1)·P + 1)·A + KV written 2·L·B·P·K·Dh·c.
   - decode, summed over steps 1..G-1 (step t attends over its segment's s_t cache slots):
     R·(2W + 2·D·V + 4·L·H·Dh·s_t); bytes per step: weights (W + V·D)·c + KV read 2·L·R·K·Dh·s_t·c
     + logits R·V·4.
-  - scoring forward over [R, S]: R·S·(2W + 4·L·H·Dh·S) + R·G·2·D·V (our head runs on the G scored
-    slots only, `Transformer(out_from=)`; `head_on_all_slots`: on all S, as peers that slice the
-    logits afterwards); bytes: weights + R·S·L·A + scores 2·R·H·S²·L·4 + logits 2·R·G·V·4 (S with
+  - scoring forward over [R, S], with Q = G (Q = S under `full_last_layer`):
+    R·(S·2W − (S − Q)·2·Wq + 4·H·Dh·S·((L − 1)·S + Q)) + R·G·2·D·V (our head runs on the G scored
+    slots only; `head_on_all_slots`: on all S, as peers that slice the logits afterwards); bytes:
+    weights + R·((L − 1)·S + Q)·A + scores 2·R·H·S·((L − 1)·S + Q)·4 + logits 2·R·G·V·4 (S with
     `head_on_all_slots`).
   - update (forward + backward + AdamW): 3× the scoring FLOPs and bytes, plus 32 bytes a
     float32 parameter (read p, g, m, v; write p, m, v, g).
+
+  `full_last_layer` (default: `head_on_all_slots`, or a layer scan that is not unrolled completely, where our
+  last layer runs on every position too): the scoring forward's last layer on all S positions.
   """
   d, h, k, hd, f, l, v = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim, cfg.n_layers, cfg.vocab_size
+  if full_last_layer is None:
+    full_last_layer = head_on_all_slots or (cfg.scan_layers and cfg.scan_unroll < cfg.n_layers)
   c = _dtype_bytes(cfg.dtype)
   w = l * (2 * d * h * hd + 2 * d * k * hd + 3 * d * f)
+  wq = 2 * d * h * hd + 3 * d * f
   weights = (w + v * d) * c
   act = (6 * d + 2 * (h + 2 * k) * hd + 3 * f) * c
   b, p, g, r = batch, prompt_len, new_tokens, batch * num_samples
   s = p + g
   out = {}
-  out["rollout prefill"] = Cost(b * p * (2 * w + 4 * l * h * hd * p) + 2 * b * d * v,
-                                weights + b * p * l * act + 2 * l * b * p * k * hd * c)
+  out["rollout prefill"] = Cost(b * (p * 2 * w - (p - 1) * 2 * wq + 4 * h * hd * p * ((l - 1) * p + 1)) + 2 * b * d * v,
+                                weights + b * ((l - 1) * p + 1) * act + 2 * l * b * p * k * hd * c)
   if segment_lengths is None:
     segment_lengths = [s]
   fl = by = 0.0
@@ -102,8 +114,10 @@ def phase_costs(cfg, *, batch: int, prompt_len: int, new_tokens: int, num_sample
     by += weights + 2 * l * r * k * hd * slots * c + r * v * 4
   out["rollout decode"] = Cost(fl, by)
   head = s if head_on_all_slots else g
-  fwd = Cost(r * s * (2 * w + 4 * l * h * hd * s) + r * head * 2 * d * v,
-             weights + r * s * l * act + 2 * r * h * s * s * l * 4 + 2 * r * head * v * 4)
+  q = s if full_last_layer else g
+  q_tokens = (l - 1) * s + q  # token-layers that run queries, attention and MLP
+  fwd = Cost(r * (s * 2 * w - (s - q) * 2 * wq + 4 * h * hd * s * q_tokens) + r * head * 2 * d * v,
+             weights + r * q_tokens * act + 2 * r * h * s * q_tokens * 4 + 2 * r * head * v * 4)
   out["scoring forward"] = fwd
   out["update"] = Cost(3 * fwd.flops, 3 * fwd.bytes + 32 * cfg.num_params())
   return out

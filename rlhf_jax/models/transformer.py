@@ -120,7 +120,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, cache, cache_index):
+  def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, cache, cache_index, q_from=0):
+    """Keys and values from all T positions, queries (and the output) from positions [q_from, T) only."""
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
     h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -131,7 +132,7 @@ class Attention(nn.Module):
     wo = _param(self, "wo", (h, hd, cfg.dim), ("heads", "kv", "embed"),
                 nn.initializers.normal(stddev=(h * hd) ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg)
 
-    q, k, v = _dense(x_BxTxD, wq, dt), _dense(x_BxTxD, wk, dt), _dense(x_BxTxD, wv, dt)
+    q, k, v = _dense(x_BxTxD[:, q_from:], wq, dt), _dense(x_BxTxD, wk, dt), _dense(x_BxTxD, wv, dt)
     if cfg.qkv_bias:  # Qwen2
       q = q + _param(self, "bq", (h, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
       k = k + _param(self, "bk", (kvh, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
@@ -139,7 +140,7 @@ class Attention(nn.Module):
     if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector, before RoPE
       q = RMSNorm(cfg, axes=("kv",), name="q_norm")(q)
       k = RMSNorm(cfg, axes=("kv",), name="k_norm")(k)
-    q = apply_rope(q, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
+    q = apply_rope(q, positions_BxT[:, q_from:], cfg.rope_theta, cfg.rope_scaling)
     k = apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
 
     b, t = q.shape[:2]
@@ -158,7 +159,7 @@ class Attention(nn.Module):
                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)}
       k, v = cache["k"].astype(dt), cache["v"].astype(dt)
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, :, :]
+    scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, q_from:, :]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b * t, h * hd)
     y = jnp.dot(out, wo.reshape(h * hd, cfg.dim).astype(dt)).reshape(b, t, cfg.dim)
@@ -185,11 +186,14 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cache, positions, attn_bias, cache_index):
-    """One layer; `cache` is this layer's `{"k","v"}` cache (or None)."""
+  def __call__(self, x, cache, positions, attn_bias, cache_index, q_from=0):
+    """One layer; `cache` is this layer's `{"k","v"}` cache (or None).
+
+    `q_from` (static): return positions [q_from, T) only; the others still give their keys and values.
+    """
     y, cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
-                                                attn_bias, cache, cache_index)
-    x = x + y
+                                                attn_bias, cache, cache_index, q_from)
+    x = x[:, q_from:] + y
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     return x, cache
 
@@ -238,7 +242,9 @@ class Transformer(nn.Module):
        return_hidden, the final normalised hidden states [B,T,D].
   `out_from` (a static int) returns `out` for positions [out_from, T) only: the
   final norm and the head skip the positions nobody reads (the prompt, when only
-  a completion is scored), which for a large vocabulary is much of a forward.
+  a completion is scored), which for a large vocabulary is much of a forward, and
+  on straight-line layers so does the last layer's query side (q, attention, o,
+  MLP; every position still gives it keys and values).
   """
 
   cfg: ModelConfig
@@ -267,7 +273,14 @@ class Transformer(nn.Module):
     x = jnp.take(embed, tokens_BxT, axis=0).astype(dt)
     bias = attention_bias(mask_BxT, kv_mask_BxS, cache_index)
 
-    if cfg.scan_layers:
+    if not 0 <= out_from < x.shape[1]:
+      raise ValueError(f"out_from={out_from} must lie in [0, T={x.shape[1]})")
+    # The last layer computes queries, attention output and MLP for positions [out_from, T) only: the rest of
+    # its work would feed outputs nobody reads (issue 15: ~1/(2L) of a scoring forward and backward when the
+    # prompt is half the sequence). That needs the layers as straight-line code: unrolled layers, or a layer
+    # scan unrolled completely (the CPU default), whose stacked weights are then applied layer by layer.
+    # A partly unrolled scan (the accelerator default) runs every layer on all T positions and slices after.
+    if cfg.scan_layers and (self.is_initializing() or cfg.scan_unroll < cfg.n_layers):
       stack = nn.scan(
           _ScanBlock,
           variable_axes={"params": 0},
@@ -278,17 +291,24 @@ class Transformer(nn.Module):
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
       x, _ = stack(x, positions_BxT, bias, cache_index)
+      x = x[:, out_from:]
+      new_cache = None
+    elif cfg.scan_layers:
+      stacked = nn.meta.unbox(self.variables["params"]["layers"]["block"])  # [L, ...] leaves, as nn.scan made them
+      block = Block(cfg, parent=None)
+      for i in range(cfg.n_layers):
+        x, _ = block.apply({"params": jax.tree.map(lambda w, i=i: w[i], stacked)}, x, None, positions_BxT, bias,
+                           cache_index, out_from if i == cfg.n_layers - 1 else 0)
       new_cache = None
     else:
       caches = []
       for i in range(cfg.n_layers):
-        x, c = Block(cfg, name=f"layer_{i}")(x, None if cache is None else cache[i], positions_BxT, bias, cache_index)
+        x, c = Block(cfg, name=f"layer_{i}")(x, None if cache is None else cache[i], positions_BxT, bias, cache_index,
+                                             out_from if i == cfg.n_layers - 1 else 0)
         caches.append(c)
       new_cache = None if cache is None else tuple(caches)
 
-    if not 0 <= out_from < x.shape[1]:
-      raise ValueError(f"out_from={out_from} must lie in [0, T={x.shape[1]})")
-    h = RMSNorm(cfg, name="final_norm")(x[:, out_from:] if out_from else x)
+    h = RMSNorm(cfg, name="final_norm")(x)
     if return_hidden:
       return h, new_cache
     if self.head == "scalar":

@@ -16,10 +16,17 @@ def last_valid_index(mask_BxS: jax.Array) -> jax.Array:
   return s - 1 - jnp.argmax(jnp.flip(mask_BxS, axis=1) > 0, axis=1)
 
 
-def sequence_scores(apply_fn: Callable, params, tokens_BxS, mask_BxS) -> jax.Array:
-  """Scalar-head output read at each row's last valid token: rewards [B]."""
-  values_BxS, _ = apply_fn(params, tokens_BxS, mask_BxS)
+def sequence_scores(apply_fn: Callable, params, tokens_BxS, mask_BxS, read_from: int = 0) -> jax.Array:
+  """Scalar-head output read at each row's last valid token: rewards [B].
+
+  `read_from` (static): every row's last valid token lies at or after this slot, so the model computes its
+  head (and its last layer's queries) only from there (`out_from`). A rollout qualifies with
+  `read_from=prompt_len`: the sampler always writes the first completion token.
+  """
+  values_BxS, _ = apply_fn(params, tokens_BxS, mask_BxS, **({"out_from": read_from} if read_from else {}))
   idx = last_valid_index(mask_BxS)
+  if values_BxS.shape[1] != tokens_BxS.shape[1]:  # slots [read_from, S) (an apply_fn may ignore `out_from`)
+    idx = idx - read_from
   return jnp.take_along_axis(values_BxS, idx[:, None], axis=1)[:, 0]
 
 

@@ -100,9 +100,19 @@ def test_scalar_head_from_lm_backbone(tiny):
   np.testing.assert_allclose(h_lm, h_v)
 
 
-def test_out_from_returns_the_tail_of_every_output(tiny):
-  """`out_from=k` gives positions [k, T) of the full output, for logits, values and hidden states."""
-  cfg, params, _ = tiny
+# The three ways the layers run: a scan (the accelerator default), a scan unrolled completely (the CPU
+# default: straight-line layers on stacked weights) and unrolled layers (the cache path's `layer_{i}` params).
+LAYER_PATHS = {"scan": dict(scan_unroll=1), "scan_unrolled": dict(scan_unroll=4), "unrolled": dict(scan_layers=False)}
+
+
+@pytest.mark.parametrize("path", sorted(LAYER_PATHS))
+def test_out_from_returns_the_tail_of_every_output(tiny, path):
+  """`out_from=k` gives positions [k, T) of the full output, for logits, values and hidden states, and their
+  gradients; on straight-line layers the last layer computes only those positions (fewer FLOPs)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  base_cfg, base_params, _ = tiny
+  cfg = dataclasses.replace(base_cfg, **LAYER_PATHS[path])
+  params = unscan_params(base_cfg, base_params) if not cfg.scan_layers else base_params
   toks = jax.random.randint(jax.random.PRNGKey(5), (3, 9), 0, cfg.vocab_size)
   mask = jnp.ones_like(toks).at[0, :2].set(0)  # a left-padded row
   vparams = models.lm_to_scalar_params(params, cfg, jax.random.PRNGKey(6))
@@ -114,8 +124,22 @@ def test_out_from_returns_the_tail_of_every_output(tiny):
       tail, _ = apply(p, toks, mask, out_from=4, **kw)
       assert tail.shape == full[:, 4:].shape
       np.testing.assert_allclose(tail, full[:, 4:], rtol=1e-6, atol=1e-6)
+    # Gradients of a loss on the tail: the same whether the model or the caller drops the other positions.
+    g_full = jax.grad(lambda q: jnp.sum(jnp.sin(apply(q, toks, mask)[0][:, 4:])))(p)
+    g_tail = jax.grad(lambda q: jnp.sum(jnp.sin(apply(q, toks, mask, out_from=4)[0])))(p)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * float(np.max(np.abs(a)))), g_full, g_tail)
+  apply = models.make_apply_fn(cfg)
+  flops = [jax.jit(lambda q, k=k: apply(q, toks, mask, out_from=k)[0]).lower(params).compile().cost_analysis()
+           for k in (0, 4)]
+  flops = [(f[0] if isinstance(f, list) else f)["flops"] for f in flops]
+  if path == "scan":  # every layer runs on all positions inside the loop; only the head is saved
+    assert flops[1] < flops[0]
+  else:  # the head and the last layer's queries, attention and MLP on 5 of 9 positions
+    dim, mlp = cfg.dim, cfg.mlp_dim
+    saved_last_layer = 3 * 4 * (2 * dim * dim + 3 * 2 * dim * mlp)  # q, o and MLP matmuls, 4 positions × 3 rows
+    assert flops[0] - flops[1] > saved_last_layer, flops
   with pytest.raises(ValueError, match="out_from=9"):
-    models.make_apply_fn(cfg)(params, toks, mask, out_from=9)
+    apply(params, toks, mask, out_from=9)
 
 
 def test_bad_config_names_the_field():

@@ -3,7 +3,8 @@
 `map_rows` and `rowwise_value_and_grad` run a model `k` rows at a time; the results must be those of one call on
 the whole batch (to float32 summation order), for the PPO step (policy + critic, rehearsal), the SFT, DPO and RM steps
 and the scoring forwards, and for row counts the requested size does not divide. `ModelConfig.scan_unroll` likewise
-changes only how the layer scan is compiled.
+changes only how the layer scan is compiled (unrolled completely, it also lets the last layer skip the positions
+nobody reads: the same values in another float summation order).
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ from rlhf_jax.state import create_train_state
 from rlhf_jax.steps import PPOState, make_dpo_step, make_ppo_score_fn, make_ppo_step, make_rm_step, \
     make_sft_step
 from rlhf_jax.steps.common import _chunks, completion_logprobs, map_rows, microbatch_rows, \
-    rowwise_value_and_grad
+    rowwise_value_and_grad, sequence_scores
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64, max_seq_len=32)
 B, S, P = 12, 16, 6  # rows, buffer length, prompt length
@@ -230,6 +231,22 @@ def test_score_fn_with_microbatches_equals_one_call(setup):
   assert_trees_close(outs[1], outs[0])
 
 
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_sequence_scores_read_from_the_completion_equals_reading_every_slot(setup, unroll):
+  """`sequence_scores(read_from=P)` (the RM on a rollout) = the score at each row's last valid token read from
+  a forward over every slot; also for an apply_fn that ignores `out_from` (it gets sliced)."""
+  _, critic, batch = setup
+  lengths = jnp.arange(B) % G + 1  # completions of 1..G tokens, right-padded
+  mask = batch["mask"].at[:, P:].set((jnp.arange(G)[None, :] < lengths[:, None]).astype(jnp.int32))
+  scalar = models.make_apply_fn(dataclasses.replace(CFG, scan_unroll=unroll), head="scalar")
+  ignores_out_from = lambda p, t, m, out_from=0: scalar(p, t, m)  # noqa: E731
+  full = sequence_scores(scalar, critic, batch["tokens"], mask)
+  np.testing.assert_allclose(full, scalar(critic, batch["tokens"], mask)[0][jnp.arange(B), P + lengths - 1])
+  for fn in (scalar, ignores_out_from):
+    np.testing.assert_allclose(sequence_scores(fn, critic, batch["tokens"], mask, read_from=P), full,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_scan_unroll_changes_neither_outputs_nor_gradients(setup):
   params, _, batch = setup
   results = []
@@ -237,7 +254,11 @@ def test_scan_unroll_changes_neither_outputs_nor_gradients(setup):
     apply_fn = models.make_apply_fn(dataclasses.replace(CFG, scan_unroll=unroll))
     loss = lambda p: jnp.sum(completion_logprobs(apply_fn, p, batch["tokens"], batch["mask"], P))  # noqa: E731
     results.append(jax.jit(jax.value_and_grad(loss))(params))
-  assert_trees_close(results[1], results[0])
+  # Unrolled completely, the last layer runs on the scored positions only (`Transformer(out_from=)`): the same
+  # values in another float summation order, so gradients agree to rounding relative to each leaf's scale.
+  assert_trees_close(results[1][0], results[0][0])
+  for x, y in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1])):
+    np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6 * float(np.max(np.abs(y))))
   with pytest.raises(ValueError, match="scan_unroll"):
     dataclasses.replace(CFG, scan_unroll=0)
 
