@@ -194,10 +194,52 @@ def test_segmented_decode_equals_one_segment(model, temperature):
   np.testing.assert_allclose(outs[0].completion_logprobs, outs[1].completion_logprobs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sp,draw", [
+    (SamplingParams(max_new_tokens=10, temperature=1.0, num_samples=2), "gumbel"),
+    (SamplingParams(max_new_tokens=10, temperature=0.7, top_k=20, num_samples=1), "inverse_cdf"),
+    (SamplingParams(max_new_tokens=10, temperature=0.0), "gumbel"),
+])
+def test_host_threads_draw_the_tokens_of_one_call(model, sp, draw):
+  """Prompts split over host threads get the tokens (and log-probs, to rounding) of the single-thread call:
+  the random numbers are drawn for the whole batch. Rows stop at EOS at different steps in each group."""
+  cfg, params, _ = model
+  pt, pm = encode_prompts(TOK, PROMPTS + ["tiny", "", "more text here"], PLEN)
+  key = jax.random.PRNGKey(4)
+  # An "EOS" that row 0 draws third, so that row stops early and the others later or never.
+  eos = int(Sampler(cfg, sp, eos_id=-1, pad_id=TOK.pad_id, draw=draw, host_threads=1)(params, pt, pm, key)
+            .completion_tokens[0, 2])
+  outs = {}
+  for k in (1, 2, 3, 6):
+    s = Sampler(cfg, sp, eos_id=eos, pad_id=TOK.pad_id, draw=draw, host_threads=k)
+    assert s.threads_for(6) == k
+    outs[k] = s(params, pt, pm, key)
+    assert s.trace_counts == {"prefill": 1, "decode": 1}
+  lengths = np.asarray(outs[1].lengths)
+  assert lengths[0] <= 3 and lengths.max() > lengths[0], lengths
+  for k in (2, 3, 6):
+    np.testing.assert_array_equal(outs[k].tokens, outs[1].tokens)
+    np.testing.assert_array_equal(outs[k].completion_mask, outs[1].completion_mask)
+    np.testing.assert_allclose(outs[k].completion_logprobs, outs[1].completion_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_host_threads_setting():
+  cfg = models.get_model_config("tiny")
+  sp = SamplingParams(max_new_tokens=4)
+  auto = Sampler(cfg, sp, eos_id=1, pad_id=0)
+  cores = auto.threads_for(10_000) if jax.default_backend() == "cpu" else 1
+  assert auto.threads_for(1) == 1 and auto.threads_for(7) in (1, 7)  # a divisor of the prompt count
+  assert all(n % auto.threads_for(n) == 0 and auto.threads_for(n) <= cores for n in range(1, 40))
+  with pytest.raises(ValueError, match="host_threads=4 must divide the 6 prompts"):
+    Sampler(cfg, sp, eos_id=1, pad_id=0, host_threads=4).threads_for(6)
+  with pytest.raises(ValueError, match="host_threads"):
+    Sampler(cfg, sp, eos_id=1, pad_id=0, host_threads=0)
+
+
 def test_inverse_cdf_draw_never_picks_zero_probability():
   from rlhf_jax.sampling import _inverse_cdf_draw  # pylint: disable=import-outside-toplevel
   probs = jnp.array([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
-  draws = jax.vmap(lambda k: _inverse_cdf_draw(probs, k))(jax.random.split(jax.random.PRNGKey(0), 2000))
+  draws = jax.vmap(lambda k: _inverse_cdf_draw(probs, jax.random.uniform(k, (3, 1))))(
+      jax.random.split(jax.random.PRNGKey(0), 2000))
   draws = np.asarray(draws)
   assert set(draws[:, 0]) == {1, 3} and abs(np.mean(draws[:, 0] == 1) - 0.5) < 0.05
   assert np.all(draws[:, 1] == 4) and np.all(draws[:, 2] == 0)

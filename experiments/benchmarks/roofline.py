@@ -221,6 +221,8 @@ def parse_args():
   ap.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
   ap.add_argument("--skip-update", action="store_true", help="time only the rollout and scoring phases")
   ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
+  ap.add_argument("--host-threads", type=int, default=0,
+                  help="Sampler host_threads (0 = auto: the prompts split over the usable cores; 1 = one call)")
   ap.add_argument("--scan-unroll", type=int, default=-1,
                   help="layers per scan iteration, as config.model.scan_unroll: -1 = auto (the run configs' default)")
   ap.add_argument("--microbatch", type=int, default=-1,
@@ -248,7 +250,7 @@ def run_preset(spec: str, args, bounds) -> list[list]:
   prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(b, p)), jnp.int32)
   mask = jnp.ones_like(prompt)
   sampler = sampling.Sampler(cfg, sampling.SamplingParams(max_new_tokens=g, temperature=1.0, num_samples=n),
-                             eos_id=-1, pad_id=0, draw=args.draw)
+                             eos_id=-1, pad_id=0, draw=args.draw, host_threads=args.host_threads or None)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
   holder = {}
 
@@ -309,7 +311,7 @@ def main():
   import jax
   print(f"# roofline: batch {args.batch} x {args.num_samples} samples, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}")
-  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}; scan_unroll {args.scan_unroll}, microbatch "
+  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}, host threads {args.host_threads or 'auto'}; scan_unroll {args.scan_unroll}, microbatch "
         f"{args.microbatch} (-1 = auto, as the run configs)")
   print(f"# load average at start: {_common.load_average()}")
   bounds = measure_bounds()

@@ -43,6 +43,8 @@ def parse_args():
                   "slower here even with avx512_bf16 (README)")
   ap.add_argument("--decode-segments", type=int, default=0, help="Sampler decode_segments (0 = its default)")
   ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
+  ap.add_argument("--host-threads", type=int, default=0,
+                  help="Sampler host_threads (0 = auto: the prompts split over the usable cores; 1 = one call)")
   ap.add_argument("--no-torch", action="store_true", help="skip the Hugging Face peer")
   return ap.parse_args()
 
@@ -56,7 +58,7 @@ def bench_ours(cfg, prompt, temperature, args):
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, temperature=temperature)
   # eos_id outside the vocabulary: every row generates all new tokens, as on the HF side.
   sampler = sampling.Sampler(cfg, sp, eos_id=-1, pad_id=0, decode_segments=args.decode_segments or None,
-                             draw=args.draw)
+                             draw=args.draw, host_threads=args.host_threads or None)
   tokens = jnp.asarray(prompt, jnp.int32)
   mask = jnp.ones_like(tokens)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
@@ -124,7 +126,8 @@ def main():
   print(f"# sampler throughput: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
         f"threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}"
         + (f", torch {torch.__version__}" if torch else f", HF peer skipped: {why}"))
-  print(f"# cpu flags: {roofline.cpu_flags()}; our dtype {args.dtype}, draw {args.draw}")
+  print(f"# cpu flags: {roofline.cpu_flags()}; our dtype {args.dtype}, draw {args.draw}, sampler host threads "
+        f"{args.host_threads or 'auto'} (usable cores {len(os.sched_getaffinity(0))})")
   print(f"# load average at start: {_common.load_average()}")
   rows, roof_rows = [], []
   for preset in args.presets.split(","):
