@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def set_threads(n: int) -> None:
@@ -128,3 +128,26 @@ def link(src: str, dst: str) -> None:
   """Symlink a finished stage directory `src` into a run directory (a shared base), once."""
   if os.path.isdir(src) and not os.path.lexists(dst):
     os.symlink(os.path.abspath(src), dst)
+
+
+def sampler_prefill(sampler, params, tokens, mask, keys: Iterator) -> Callable[[], None]:
+  """A callable that runs `sampler`'s prefill as its `__call__` does: one call per host-thread group of prompts
+  (`Sampler.host_threads`), the groups concurrently, each with its rows' place in the whole batch (so it reuses
+  the sampler's compiled prefill)."""
+  import concurrent.futures
+  import jax
+  b, n = tokens.shape[0], sampler.sampling.num_samples
+  k = sampler.threads_for(b)
+  c = b // k
+  pool = concurrent.futures.ThreadPoolExecutor(k)
+
+  def group(i, key):
+    out = sampler._prefill(params, tokens[i * c:(i + 1) * c], mask[i * c:(i + 1) * c], key, i * c * n,  # pylint: disable=protected-access
+                           total_rows=b * n if k > 1 else None)
+    jax.block_until_ready(out.tokens)
+
+  def run():
+    key = next(keys)
+    list(pool.map(lambda i: group(i, key), range(k)))
+
+  return run

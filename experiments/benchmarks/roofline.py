@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import resource
 import sys
@@ -258,7 +259,7 @@ def run_preset(spec: str, args, bounds) -> list[list]:
     holder["out"] = sampler(params, prompt, mask, next(keys))
     jax.block_until_ready(holder["out"].completion_tokens)
 
-  prefill = lambda: jax.block_until_ready(sampler._prefill(params, prompt, mask, next(keys)).tokens)
+  prefill = _common.sampler_prefill(sampler, params, prompt, mask, keys)
   times = {}
   times["rollout prefill"] = _common.time_calls(prefill, warmup=1, repeats=args.repeats)[0]
   total = _common.time_calls(sample, warmup=1, repeats=args.repeats)[0]
@@ -295,10 +296,13 @@ def run_preset(spec: str, args, bounds) -> list[list]:
       rows.append(roofline_row(label, ph, costs[ph], t, peak=dec_peak, bandwidth=dec_bw))
     else:
       rows.append(roofline_row(label, ph, costs[ph], t, peak=peak, bandwidth=bounds["DRAM copy bandwidth"]))
-  st_abs = jax.eval_shape(sampler._prefill, params, prompt, mask, jax.random.PRNGKey(0))
-  mem = sampler._decode.lower(params, st_abs._replace(cache=()), st_abs.cache).compile().memory_analysis()
+  groups = sampler.threads_for(b)  # the decode executable of one host-thread group (all of them run it)
+  st_abs = jax.eval_shape(functools.partial(sampler._prefill, total_rows=b * n if groups > 1 else None), params,
+                          prompt[:b // groups], mask[:b // groups], jax.random.PRNGKey(0), 0)
+  mem = sampler._decode.lower(params, st_abs._replace(cache=()), st_abs.cache, 0,
+                              total_rows=b * n if groups > 1 else None).compile().memory_analysis()
   if mem is not None:
-    print(f"#   {label}: decode executable memory: arguments {mem.argument_size_in_bytes / 2**20:,.1f} MiB, "
+    print(f"#   {label}: decode executable memory (one of {groups} host-thread groups): arguments {mem.argument_size_in_bytes / 2**20:,.1f} MiB, "
           f"outputs {mem.output_size_in_bytes / 2**20:,.1f} MiB, temporaries {mem.temp_size_in_bytes / 2**20:,.1f} MiB",
           flush=True)
   print(f"#   {label}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), file=sys.stderr, flush=True)

@@ -76,7 +76,7 @@ def bench_ours(cfg, prompt, temperature, args):
   t0 = time.perf_counter()
   call()
   compile_s = max(first - (time.perf_counter() - t0), 0.0)
-  prefill = lambda: jax.block_until_ready(sampler._prefill(params, tokens, mask, next(keys)).tokens)
+  prefill = _common.sampler_prefill(sampler, params, tokens, mask, keys)
   return call, compile_s, sampler, prefill
 
 
