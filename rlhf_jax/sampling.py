@@ -14,6 +14,12 @@
   The decode state (token buffers and the KV cache) is donated, so XLA
   updates it in place.
 
+On the CPU backend `Sampler(host_threads=)` (auto) splits the prompts into groups
+and runs each group's prefill and decode from its own host thread, concurrently,
+through the same compiled functions: a decode step's ops are too small for XLA
+to spread over the cores. The random numbers are drawn for the whole batch, so
+the tokens do not depend on the split.
+
 The cache is one `[R, Hkv, S, Dh]` buffer per layer and the layers run
 unrolled on per-layer parameters sliced once per call (`models.transformer`
 explains why: no per-step copy of the cache or of the weights).

@@ -209,14 +209,14 @@ def test_host_threads_draw_the_tokens_of_one_call(model, sp, draw):
   eos = int(Sampler(cfg, sp, eos_id=-1, pad_id=TOK.pad_id, draw=draw, host_threads=1)(params, pt, pm, key)
             .completion_tokens[0, 2])
   outs = {}
-  for k in (1, 2, 3, 6):
+  for k in (1, 2, 6):
     s = Sampler(cfg, sp, eos_id=eos, pad_id=TOK.pad_id, draw=draw, host_threads=k)
     assert s.threads_for(6) == k
     outs[k] = s(params, pt, pm, key)
     assert s.trace_counts == {"prefill": 1, "decode": 1}
   lengths = np.asarray(outs[1].lengths)
   assert lengths[0] <= 3 and lengths.max() > lengths[0], lengths
-  for k in (2, 3, 6):
+  for k in (2, 6):
     np.testing.assert_array_equal(outs[k].tokens, outs[1].tokens)
     np.testing.assert_array_equal(outs[k].completion_mask, outs[1].completion_mask)
     np.testing.assert_allclose(outs[k].completion_logprobs, outs[1].completion_logprobs, rtol=1e-5, atol=1e-5)

@@ -124,11 +124,11 @@ def test_out_from_returns_the_tail_of_every_output(tiny, path):
       tail, _ = apply(p, toks, mask, out_from=4, **kw)
       assert tail.shape == full[:, 4:].shape
       np.testing.assert_allclose(tail, full[:, 4:], rtol=1e-6, atol=1e-6)
-    # Gradients of a loss on the tail: the same whether the model or the caller drops the other positions.
-    g_full = jax.grad(lambda q: jnp.sum(jnp.sin(apply(q, toks, mask)[0][:, 4:])))(p)
-    g_tail = jax.grad(lambda q: jnp.sum(jnp.sin(apply(q, toks, mask, out_from=4)[0])))(p)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * float(np.max(np.abs(a)))), g_full, g_tail)
+  # Gradients of a loss on the tail: the same whether the model or the caller drops the other positions.
   apply = models.make_apply_fn(cfg)
+  g_full = jax.grad(lambda q: jnp.sum(jnp.sin(apply(q, toks, mask)[0][:, 4:])))(params)
+  g_tail = jax.grad(lambda q: jnp.sum(jnp.sin(apply(q, toks, mask, out_from=4)[0])))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * float(np.max(np.abs(a)))), g_full, g_tail)
   flops = [jax.jit(lambda q, k=k: apply(q, toks, mask, out_from=k)[0]).lower(params).compile().cost_analysis()
            for k in (0, 4)]
   flops = [(f[0] if isinstance(f, list) else f)["flops"] for f in flops]
