@@ -372,15 +372,13 @@ class Sampler:
 
   def threads_for(self, num_prompts: int) -> int:
     """Host threads a call with `num_prompts` prompts uses (see `host_threads`)."""
-    k = self.host_threads
-    if k is None:
-      single_device = self.mesh is None or self.mesh.size == 1
-      k = _usable_cores() if single_device and jax.default_backend() == "cpu" else 1
-    else:
-      if num_prompts % k:
-        raise ValueError(f"host_threads={k} must divide the {num_prompts} prompts of a call")
-      return k
-    return max(d for d in range(1, min(k, num_prompts) + 1) if num_prompts % d == 0)
+    if self.host_threads is not None:
+      if num_prompts % self.host_threads:
+        raise ValueError(f"host_threads={self.host_threads} must divide the {num_prompts} prompts of a call")
+      return self.host_threads
+    single_device = self.mesh is None or self.mesh.size == 1
+    cores = _usable_cores() if single_device and jax.default_backend() == "cpu" else 1
+    return max((d for d in range(1, min(cores, num_prompts) + 1) if num_prompts % d == 0), default=1)
 
   def _sample_rows(self, params, prompt_tokens_BxP, prompt_mask_BxP, rng, row_offset: int, total_rows):
     """Prefill and decode these prompts (rows [row_offset, ...) of a batch of `total_rows`), finished."""

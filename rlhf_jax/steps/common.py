@@ -20,8 +20,8 @@ def sequence_scores(apply_fn: Callable, params, tokens_BxS, mask_BxS, read_from:
   """Scalar-head output read at each row's last valid token: rewards [B].
 
   `read_from` (static): every row's last valid token lies at or after this slot, so the model computes its
-  head (and its last layer's queries) only from there (`out_from`). A rollout qualifies with
-  `read_from=prompt_len`: the sampler always writes the first completion token.
+  head (and its last layer's queries) only from there (`out_from`). Left-padded prompts of length P followed
+  by their completions qualify with `read_from=P - 1`, even with an empty completion.
   """
   values_BxS, _ = apply_fn(params, tokens_BxS, mask_BxS, **({"out_from": read_from} if read_from else {}))
   idx = last_valid_index(mask_BxS)

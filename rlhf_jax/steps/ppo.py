@@ -89,7 +89,7 @@ def make_score_fn(actor_apply: Callable, *, prompt_len: int, temperature: float 
       out["old_values"] = map_rows(lambda t, m: completion_values(critic_apply, critic_params, t, m, prompt_len),
                                    microbatch, tokens_RxS, mask_RxS)
     if reward_apply is not None:
-      raw = map_rows(lambda t, m: sequence_scores(reward_apply, rm_params, t, m, read_from=prompt_len), microbatch,
+      raw = map_rows(lambda t, m: sequence_scores(reward_apply, rm_params, t, m, read_from=prompt_len - 1), microbatch,
                      tokens_RxS, mask_RxS)
       out["rm_rewards"] = raw
       out["rm_scores"] = (raw - reward_mean) / reward_std

@@ -233,17 +233,17 @@ def test_score_fn_with_microbatches_equals_one_call(setup):
 
 @pytest.mark.parametrize("unroll", [1, 2])
 def test_sequence_scores_read_from_the_completion_equals_reading_every_slot(setup, unroll):
-  """`sequence_scores(read_from=P)` (the RM on a rollout) = the score at each row's last valid token read from
-  a forward over every slot; also for an apply_fn that ignores `out_from` (it gets sliced)."""
+  """`sequence_scores(read_from=P - 1)` (the RM on a rollout) = the score at each row's last valid token read
+  from a forward over every slot; also for an apply_fn that ignores `out_from` (it gets sliced)."""
   _, critic, batch = setup
-  lengths = jnp.arange(B) % G + 1  # completions of 1..G tokens, right-padded
+  lengths = jnp.arange(B) % (G + 1)  # completions of 0..G tokens, right-padded
   mask = batch["mask"].at[:, P:].set((jnp.arange(G)[None, :] < lengths[:, None]).astype(jnp.int32))
   scalar = models.make_apply_fn(dataclasses.replace(CFG, scan_unroll=unroll), head="scalar")
   ignores_out_from = lambda p, t, m, out_from=0: scalar(p, t, m)  # noqa: E731
   full = sequence_scores(scalar, critic, batch["tokens"], mask)
   np.testing.assert_allclose(full, scalar(critic, batch["tokens"], mask)[0][jnp.arange(B), P + lengths - 1])
   for fn in (scalar, ignores_out_from):
-    np.testing.assert_allclose(sequence_scores(fn, critic, batch["tokens"], mask, read_from=P), full,
+    np.testing.assert_allclose(sequence_scores(fn, critic, batch["tokens"], mask, read_from=P - 1), full,
                                rtol=1e-5, atol=1e-6)
 
 
