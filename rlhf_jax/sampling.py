@@ -350,21 +350,22 @@ class Sampler:
       raise ValueError(f"prompt_tokens {prompt_tokens_BxP.shape} and prompt_mask {prompt_mask_BxP.shape} "
                        "must be equal [B, P] shapes")
     b, p = prompt_tokens_BxP.shape
-    k = self.threads_for(b)
+    groups = self.groups(b)
+    part = lambda g: self._sample_rows(  # noqa: E731
+        params, prompt_tokens_BxP[g[0]], prompt_mask_BxP[g[0]], rng, g[1], g[2])
+    k = len(groups)
     if k == 1:
-      st = self._sample_rows(params, prompt_tokens_BxP, prompt_mask_BxP, rng, 0, None)
-      tokens, mask, logprobs = st.tokens, st.mask, st.logprobs
+      parts = [part(groups[0])]
     else:
-      if self._pool is None or self._pool_size != k:
+      if self._pool_size != k:
+        if self._pool is not None:
+          self._pool.shutdown(wait=False)
         self._pool, self._pool_size = concurrent.futures.ThreadPoolExecutor(k, "rlhf_jax-sampler"), k
-      c, n = b // k, self.sampling.num_samples
-      part = lambda i: self._sample_rows(params, prompt_tokens_BxP[i * c:(i + 1) * c],  # noqa: E731
-                                         prompt_mask_BxP[i * c:(i + 1) * c], rng, i * c * n, b * n)
-      shape = (c, p, b * n)
-      first = [part(0)] if shape not in self._compiled else []  # compile once, in this thread, then fan out
-      self._compiled.add(shape)
-      parts = first + list(self._pool.map(part, range(len(first), k)))
-      tokens, mask, logprobs = (jnp.concatenate([getattr(x, f) for x in parts]) for f in ("tokens", "mask", "logprobs"))
+      first = [part(groups[0])] if (b, p) not in self._compiled else []  # compile in this thread, then fan out
+      self._compiled.add((b, p))
+      parts = first + list(self._pool.map(part, groups[len(first):]))
+    tokens, mask, logprobs = (jnp.concatenate([getattr(x, f) for x in parts]) if k > 1 else getattr(parts[0], f)
+                              for f in ("tokens", "mask", "logprobs"))
     completion_mask = mask[:, p:]
     return SampleOutput(tokens=tokens, mask=mask, completion_tokens=tokens[:, p:],
                         completion_logprobs=logprobs * completion_mask,
@@ -379,6 +380,14 @@ class Sampler:
     single_device = self.mesh is None or self.mesh.size == 1
     cores = _usable_cores() if single_device and jax.default_backend() == "cpu" else 1
     return max((d for d in range(1, min(cores, num_prompts) + 1) if num_prompts % d == 0), default=1)
+
+  def groups(self, num_prompts: int) -> list[tuple[slice, int, Optional[int]]]:
+    """How a call with `num_prompts` prompts is split: per host-thread group, (its prompts, the row offset of its
+    first row in the whole batch, the whole batch's row count; None when there is one group)."""
+    k = self.threads_for(num_prompts)
+    c, n = num_prompts // k, self.sampling.num_samples
+    total = num_prompts * n if k > 1 else None
+    return [(slice(i * c, (i + 1) * c), i * c * n, total) for i in range(k)]
 
   def _sample_rows(self, params, prompt_tokens_BxP, prompt_mask_BxP, rng, row_offset: int, total_rows):
     """Prefill and decode these prompts (rows [row_offset, ...) of a batch of `total_rows`), finished."""

@@ -223,12 +223,23 @@ def test_host_threads_draw_the_tokens_of_one_call(model, sp, draw):
 
 
 def test_host_threads_setting():
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.sampling import _usable_cores  # pylint: disable=import-outside-toplevel
   cfg = models.get_model_config("tiny")
-  sp = SamplingParams(max_new_tokens=4)
+  sp = SamplingParams(max_new_tokens=4, num_samples=3)
   auto = Sampler(cfg, sp, eos_id=1, pad_id=0)
-  cores = auto.threads_for(10_000) if jax.default_backend() == "cpu" else 1
-  assert auto.threads_for(1) == 1 and auto.threads_for(7) in (1, 7)  # a divisor of the prompt count
-  assert all(n % auto.threads_for(n) == 0 and auto.threads_for(n) <= cores for n in range(1, 40))
+  cores = _usable_cores() if jax.default_backend() == "cpu" else 1
+  for n in range(1, 40):  # auto: the largest divisor of the prompt count not above the cores
+    assert auto.threads_for(n) == max(d for d in range(1, min(n, cores) + 1) if n % d == 0)
+  # groups cover the prompts in order; row offsets count N samples a prompt
+  s3 = Sampler(cfg, sp, eos_id=1, pad_id=0, host_threads=3)
+  assert s3.groups(6) == [(slice(0, 2), 0, 18), (slice(2, 4), 6, 18), (slice(4, 6), 12, 18)]
+  assert Sampler(cfg, sp, eos_id=1, pad_id=0, host_threads=1).groups(6) == [(slice(0, 6), 0, None)]
+  mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+  if mesh.size > 1:  # several devices: one program runs them all, auto uses one thread; more is refused
+    assert Sampler(cfg, sp, eos_id=1, pad_id=0, mesh=mesh).threads_for(8) == 1
+    with pytest.raises(ValueError, match="needs a single device"):
+      Sampler(cfg, sp, eos_id=1, pad_id=0, mesh=mesh, host_threads=2)
   with pytest.raises(ValueError, match="host_threads=4 must divide the 6 prompts"):
     Sampler(cfg, sp, eos_id=1, pad_id=0, host_threads=4).threads_for(6)
   with pytest.raises(ValueError, match="host_threads"):

@@ -132,22 +132,20 @@ def link(src: str, dst: str) -> None:
 
 def sampler_prefill(sampler, params, tokens, mask, keys: Iterator) -> Callable[[], None]:
   """A callable that runs `sampler`'s prefill as its `__call__` does: one call per host-thread group of prompts
-  (`Sampler.host_threads`), the groups concurrently, each with its rows' place in the whole batch (so it reuses
-  the sampler's compiled prefill)."""
+  (`Sampler.groups`), the groups concurrently, so it times (and reuses) the sampler's compiled prefill."""
   import concurrent.futures
   import jax
-  b, n = tokens.shape[0], sampler.sampling.num_samples
-  k = sampler.threads_for(b)
-  c = b // k
-  pool = concurrent.futures.ThreadPoolExecutor(k)
+  groups = sampler.groups(tokens.shape[0])
+  pool = concurrent.futures.ThreadPoolExecutor(len(groups))
 
-  def group(i, key):
-    out = sampler._prefill(params, tokens[i * c:(i + 1) * c], mask[i * c:(i + 1) * c], key, i * c * n,  # pylint: disable=protected-access
-                           total_rows=b * n if k > 1 else None)
+  def group(g, key):
+    rows, offset, total = g
+    out = sampler._prefill(  # pylint: disable=protected-access
+        params, tokens[rows], mask[rows], key, offset, total_rows=total)
     jax.block_until_ready(out.tokens)
 
   def run():
     key = next(keys)
-    list(pool.map(lambda i: group(i, key), range(k)))
+    list(pool.map(lambda g: group(g, key), groups))
 
   return run

@@ -296,13 +296,15 @@ def run_preset(spec: str, args, bounds) -> list[list]:
       rows.append(roofline_row(label, ph, costs[ph], t, peak=dec_peak, bandwidth=dec_bw))
     else:
       rows.append(roofline_row(label, ph, costs[ph], t, peak=peak, bandwidth=bounds["DRAM copy bandwidth"]))
-  groups = sampler.threads_for(b)  # the decode executable of one host-thread group (all of them run it)
-  st_abs = jax.eval_shape(functools.partial(sampler._prefill, total_rows=b * n if groups > 1 else None), params,
-                          prompt[:b // groups], mask[:b // groups], jax.random.PRNGKey(0), 0)
-  mem = sampler._decode.lower(params, st_abs._replace(cache=()), st_abs.cache, 0,
-                              total_rows=b * n if groups > 1 else None).compile().memory_analysis()
+  groups = sampler.groups(b)  # the decode executable of one host-thread group (all of them run it)
+  first, offset, total = groups[0]
+  st_abs = jax.eval_shape(functools.partial(sampler._prefill, total_rows=total), params, prompt[first], mask[first],
+                          jax.random.PRNGKey(0), offset)
+  mem = sampler._decode.lower(params, st_abs._replace(cache=()), st_abs.cache, offset,
+                              total_rows=total).compile().memory_analysis()
   if mem is not None:
-    print(f"#   {label}: decode executable memory (one of {groups} host-thread groups): arguments {mem.argument_size_in_bytes / 2**20:,.1f} MiB, "
+    print(f"#   {label}: decode executable memory (one of {len(groups)} host-thread groups): "
+          f"arguments {mem.argument_size_in_bytes / 2**20:,.1f} MiB, "
           f"outputs {mem.output_size_in_bytes / 2**20:,.1f} MiB, temporaries {mem.temp_size_in_bytes / 2**20:,.1f} MiB",
           flush=True)
   print(f"#   {label}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in times.items()), file=sys.stderr, flush=True)
@@ -315,7 +317,8 @@ def main():
   import jax
   print(f"# roofline: batch {args.batch} x {args.num_samples} samples, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}")
-  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}, host threads {args.host_threads or 'auto'}; scan_unroll {args.scan_unroll}, microbatch "
+  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}, host threads {args.host_threads or 'auto'}; "
+        f"scan_unroll {args.scan_unroll}, microbatch "
         f"{args.microbatch} (-1 = auto, as the run configs)")
   print(f"# load average at start: {_common.load_average()}")
   bounds = measure_bounds()
