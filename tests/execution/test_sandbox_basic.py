@@ -157,9 +157,13 @@ def test_timeouts_are_not_cached():
 def test_mixed_hostile_and_benign_batch():
     # Under load the wall clock is what varies: it gets a wide margin, and the
     # spinning loop is stopped by the CPU-time limit instead (or, on a machine
-    # too busy to give it 1 s of CPU in a minute, by the wall clock).
+    # too busy to give it 1 s of CPU in a minute, by the wall clock). The memory
+    # program asks for more than the limit at once: zeroing 10 MB blocks up to
+    # the limit costs CPU time, and on a loaded CI machine that program was once
+    # "killed" (most likely by the 1 s CPU limit) instead of reaching "memory" (the
+    # block-by-block bomb is in test_sandbox_hostile, under the default CPU limit).
     progs = ["print('a')\n", "while True: pass\n", "import os\nos._exit(0)\n",
-             "print('b')\n", "x = [bytearray(10**7) for _ in range(100)]\n", "print('c')\n"]
+             "print('b')\n", "x = bytearray(2**30)\n", "print('c')\n"]
     res = execution.execute_many(progs, timeout_s=ROOMY_S, cpu_time_s=1, memory_mb=256,
                                  cache=False, max_workers=3)
     assert res[1].status in ("killed", "timeout"), res[1]
