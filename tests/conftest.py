@@ -13,6 +13,12 @@ once. It is fresh for every run on purpose: JAX's cache key does not name the CP
 instruction set, so a directory kept across machines could hand AVX-512 code to
 an AVX2 CPU. Set JAX_COMPILATION_CACHE_DIR yourself to keep one between runs on
 one machine.
+
+The suite runs on every core (`-n auto --dist loadfile` in setup.cfg, pytest-xdist): a
+test file runs whole in one worker, so a module fixture that trains a stage runs
+once. `pytest_xdist_auto_num_workers` below picks one worker per core, at most one per
+3 GiB of available memory (each worker holds JAX, 8 simulated devices and, in the
+Hugging Face tests, torch); `-n 0` runs in one process, `-n K` with K workers.
 """
 import atexit
 import os
@@ -27,3 +33,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_xdist_auto_num_workers(config):
+  del config
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  try:
+    with open("/proc/meminfo") as f:
+      avail_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    by_memory = max(1, avail_kib // (3 * 1024 * 1024))
+  except (OSError, StopIteration, ValueError):
+    by_memory = cores
+  return max(1, min(cores, by_memory))
