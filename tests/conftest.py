@@ -37,7 +37,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 def pytest_xdist_auto_num_workers(config):
   del config
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  from rlhf_jax.sampling import _usable_cores  # pylint: disable=import-outside-toplevel
+  cores = _usable_cores()
   try:
     with open("/proc/meminfo") as f:
       avail_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
