@@ -59,6 +59,19 @@ def test_sft_step_sharded_equals_single_device(setup):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
+def test_bf16_sft_step_sharded_matches_single_device(setup):
+  # bfloat16 compute on the CPU takes the float32-accumulating matmul (custom VJP, optimization barriers,
+  # a flattened transpose): it must partition on the mesh and give the single-device losses up to
+  # bfloat16 rounding (summation order differs between the two layouts).
+  cfg, meshes = setup
+  cfg = models.get_model_config("tiny", dtype="bfloat16")
+  batch = encode_pairs(TOK, [f"prompt {i}" for i in range(8)], [f"answer {i * 7}" for i in range(8)], 16, 16)
+  _, l1 = _sft_run(cfg, meshes["one"], batch)
+  _, l8 = _sft_run(cfg, meshes["eight"], batch)
+  assert l1[-1] < l1[0]
+  np.testing.assert_allclose(l1, l8, rtol=1e-2)
+
+
 def test_sampler_sharded_equals_single_device(setup):
   cfg, meshes = setup
   pt, pm = encode_prompts(TOK, [f"q{i}" * (i + 1) for i in range(8)], 17)  # the longest takes 17 (BOS + 16)

@@ -26,7 +26,8 @@ Layout conventions
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -108,11 +109,79 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(_dtype(self.cfg.dtype))
 
 
+def _row_major_transpose(a: Array) -> Array:
+  """a.T [N, M] of a 2-D `a` as a row-major copy that XLA cannot fold back into the consuming dot.
+
+  XLA:CPU folds a transpose into the dot that reads it (contracting the lhs over its rows), and runs such
+  a dot, when bfloat16, upcast to float32 (`operand_upcaster`: YNNPACK's bfloat16 kernels take a row-major
+  lhs contracted over its last axis only). Flattening behind an optimization barrier forces the copy.
+  """
+  return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
+
+
+def _dot_f32_acc(a_MxK: Array, b: Array, b_contract: int) -> Array:
+  """a @ b (`b_contract` 0: b is [K, N]) or a @ bᵀ (1: b is [N, K]), low-precision inputs, float32 result.
+
+  The optimization barriers keep XLA from folding a transpose of an operand or of the result into the
+  dot after its `operand_upcaster` has judged it a YNNPACK bfloat16 dot: the folded dot is no longer one
+  YNNPACK takes, and XLA:CPU (jax 0.10.2) then fails at run time ("Unsupported element type for
+  DotThunk::Execute: BF16 x BF16 = F32"; seen on the transpose of a weight gradient).
+  """
+  a_MxK, b = jax.lax.optimization_barrier((a_MxK, b))
+  out = jax.lax.dot_general(a_MxK, b, (((1,), (b_contract,)), ((), ())), preferred_element_type=jnp.float32)
+  return jax.lax.optimization_barrier(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _f32_acc_matmul(x_dtype, w_dtype, dtype, w_transposed: bool) -> Callable[[Array, Array], Array]:
+  """x [M, K] @ w [K, N] (or @ wᵀ for `w_transposed`, w [N, K] as stored) with both cast to the
+  low-precision `dtype`, accumulated and returned in float32; so are the gradient products, whose
+  results come back in x's and w's own dtypes (a float32 weight gets its gradient unrounded).
+
+  Every product is a row-major dot contracted over the lhs' last axis, the form YNNPACK (XLA:CPU's matmul
+  library) runs on bfloat16 inputs with float32 output: on AVX512-BF16 / AMX CPUs ~4× the float32 rate
+  (issue 15, experiments/RESULTS.md). Autodiff of `jnp.dot(x, w, preferred_element_type=float32)` would
+  give float32 × bfloat16 and transposed-lhs products, which XLA:CPU runs in float32.
+  """
+  w_contract = 1 if w_transposed else 0
+
+  def fwd(x_MxK, w):
+    x_MxK, w = x_MxK.astype(dtype), w.astype(dtype)
+    return _dot_f32_acc(x_MxK, w, w_contract), (x_MxK, w)
+
+  def bwd(res, g_MxN):
+    x_MxK, w = res
+    g_MxN = g_MxN.astype(dtype)
+    dx = _dot_f32_acc(g_MxN, w, 1 - w_contract)                                   # g @ wᵀ
+    if w_transposed:
+      dw = _dot_f32_acc(_row_major_transpose(g_MxN), x_MxK, 0)                    # gᵀ @ x: [N, K]
+    else:
+      dw = _dot_f32_acc(_row_major_transpose(x_MxK), g_MxN, 0)                    # xᵀ @ g: [K, N]
+    return dx.astype(x_dtype), dw.astype(w_dtype)
+
+  matmul = jax.custom_vjp(lambda x_MxK, w: fwd(x_MxK, w)[0])
+  matmul.defvjp(fwd, bwd)
+  return matmul
+
+
+def _matmul(x_MxK: Array, w: Array, dtype, w_transposed: bool = False) -> Array:
+  """x @ w (w [K, N]), or x @ wᵀ with `w_transposed` (w [N, K]), in the compute dtype `dtype`.
+
+  Sub-float32 dtypes on the CPU backend accumulate in float32 (`_f32_acc_matmul`: bfloat16 → float32 is
+  the form XLA:CPU runs fast; bfloat16 → bfloat16 it runs at about the float32 rate or below); elsewhere
+  (float32; accelerators, whose bfloat16 dots accumulate in float32 anyway) a plain `jnp.dot`.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype.itemsize >= 4 or jax.default_backend() != "cpu":
+    return jnp.dot(x_MxK.astype(dtype), (w.T if w_transposed else w).astype(dtype))
+  fn = _f32_acc_matmul(jnp.dtype(x_MxK.dtype), jnp.dtype(w.dtype), dtype, w_transposed)
+  return fn(x_MxK, w).astype(dtype)
+
+
 def _dense(x, kernel, dtype):
   """x[..., in] @ kernel[in, ...] on a flattened 2-D view (faster grads on XLA:CPU)."""
   lead = x.shape[:-1]
-  k2 = kernel.reshape(kernel.shape[0], -1).astype(dtype)
-  y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), k2)
+  y = _matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1), dtype)
   return y.reshape(*lead, *kernel.shape[1:])
 
 
@@ -162,7 +231,7 @@ class Attention(nn.Module):
     scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, q_from:, :]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b * t, h * hd)
-    y = jnp.dot(out, wo.reshape(h * hd, cfg.dim).astype(dt)).reshape(b, t, cfg.dim)
+    y = _matmul(out, wo.reshape(h * hd, cfg.dim), dt).reshape(b, t, cfg.dim)
     return y, cache
 
 
@@ -318,11 +387,11 @@ class Transformer(nn.Module):
       values = jnp.dot(h.reshape(-1, cfg.dim).astype(jnp.float32), w.astype(jnp.float32)) + b.astype(jnp.float32)
       return values.reshape(h.shape[:2]), new_cache
     if cfg.tie_embeddings:
-      logits = jnp.dot(h.reshape(-1, cfg.dim), embed.astype(dt).T)
+      logits = _matmul(h.reshape(-1, cfg.dim), embed, dt, w_transposed=True)
     else:
       w = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
                  nn.initializers.normal(stddev=cfg.dim ** -0.5), cfg)
-      logits = jnp.dot(h.reshape(-1, cfg.dim), w.astype(dt))
+      logits = _matmul(h.reshape(-1, cfg.dim), w, dt)
     return logits.reshape(*h.shape[:2], cfg.vocab_size), new_cache
 
 

@@ -88,6 +88,56 @@ def test_bf16_compute_is_close_to_f32(tiny):
   assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.05
 
 
+@pytest.mark.parametrize("w_transposed", [False, True])
+def test_bf16_matmul_is_the_float32_product_of_the_rounded_inputs(w_transposed):
+  # On the CPU a bfloat16 `_matmul` accumulates in float32 (custom VJP): its value and both gradients must be
+  # the exact products of the bfloat16-rounded operands (cotangent included), up to float32 summation order,
+  # and the float32 weight's gradient must come back in float32, unrounded.
+  from rlhf_jax.models.transformer import _matmul
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 48)).astype(np.float32)
+  w = rng.standard_normal((40, 48) if w_transposed else (48, 40)).astype(np.float32)
+  ct = rng.standard_normal((64, 40)).astype(np.float32)
+  r = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+  x16 = jnp.asarray(x, jnp.bfloat16)
+
+  def f(x, w):
+    return _matmul(x, w, jnp.bfloat16, w_transposed=w_transposed)
+
+  y, vjp = jax.jit(lambda x, w: jax.vjp(f, x, w))(x16, jnp.asarray(w))
+  dx, dw = jax.jit(vjp)(jnp.asarray(ct, jnp.bfloat16))
+  wk = r(w).T if w_transposed else r(w)
+  exact_y, exact_dx, exact_dw = r(x) @ wk, r(ct) @ wk.T, r(x).T @ r(ct)
+  assert y.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  # y and dx are rounded to bfloat16 once at the end (relative error <= 2^-8); dw is float32.
+  np.testing.assert_allclose(np.asarray(y, np.float64), exact_y, rtol=2 ** -8, atol=1e-6 * np.abs(exact_y).max())
+  np.testing.assert_allclose(np.asarray(dx, np.float64), exact_dx, rtol=2 ** -8, atol=1e-6 * np.abs(exact_dx).max())
+  np.testing.assert_allclose(np.asarray(dw, np.float64), (exact_dw.T if w_transposed else exact_dw), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_bf16_gradients_are_close_to_f32(tiny):
+  # The whole model's loss gradient in bfloat16 compute (float32 weights) against float32 compute.
+  cfg, params, _ = tiny
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (4, 33), 0, 256)
+
+  def grads(dtype):
+    apply = models.make_apply_fn(get_model_config("tiny", dtype=dtype))
+
+    def loss(p):
+      logits, _ = apply(p, tokens[:, :-1])
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+    return jax.jit(jax.grad(loss))(params)
+
+  g32, g16 = grads("float32"), grads("bfloat16")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g32), jax.tree.leaves(g16)):
+    assert b.dtype == a.dtype == jnp.float32, path
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    assert rel < 0.05, (jax.tree_util.keystr(path), rel)
+
+
 def test_scalar_head_from_lm_backbone(tiny):
   cfg, params, _ = tiny
   vparams = models.lm_to_scalar_params(params, cfg, jax.random.PRNGKey(4))
