@@ -164,7 +164,8 @@ def read_bandwidth(nbytes: int, *, repeats: int = 5, passes: int = 0) -> float:
 
 
 def decode_matmul_peak(cfg, rows: int, *, repeats: int = 5, iters: int = 64) -> float:
-  """FLOP/s of the decode's own matmul shape, [rows, D] @ [D, F] in the compute dtype, in a jitted loop.
+  """FLOP/s of the decode's own matmul shape, [rows, D] @ [D, F] in the compute dtype as the model runs it
+  (`models.transformer._matmul`), in a jitted loop.
 
   With rows = R = 32 this is far below the 2048² peak: it is the compute bound a decode step can reach.
   """
@@ -174,7 +175,8 @@ def decode_matmul_peak(cfg, rows: int, *, repeats: int = 5, iters: int = 64) -> 
   a = jnp.ones((rows, cfg.dim), dt)
   w = jnp.ones((cfg.dim, cfg.mlp_dim), dt)
   w2 = jnp.ones((cfg.mlp_dim, cfg.dim), dt)
-  body = lambda i, x: jnp.dot(jnp.dot(x, w), w2) * 1e-3
+  from rlhf_jax.models.transformer import _matmul  # the model's product (bfloat16: float32-accumulated)
+  body = lambda i, x: _matmul(_matmul(x, w, dt), w2, dt) * 1e-3
   f = jax.jit(lambda a: jax.lax.fori_loop(0, iters, body, a))
   flops = iters * 2 * 2 * rows * cfg.dim * cfg.mlp_dim
   return flops / _common.time_calls(lambda: f(a).block_until_ready(), warmup=1, repeats=repeats)[0]

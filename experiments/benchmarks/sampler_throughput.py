@@ -7,7 +7,8 @@ LlamaConfig with random weights), on `--threads` threads, greedy and with
 temperature sampling (temperature 1, no top-k/top-p on either side). The
 reported time is the median of `--repeats` warm calls, the two sides timed in
 turns; our compile time (the first call minus a warm one) is reported
-separately.
+separately. With `--dtype bfloat16` HF also runs with its weights in bfloat16
+("HF bf16"), the like-for-like peer; "HF" stays float32.
 
 It also prints the decode's roofline (`roofline.py`): FLOPs and bytes of the
 decode by formula, the achieved rates, and the bounds measured in the same run
@@ -39,8 +40,8 @@ def parse_args():
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=1)
-  ap.add_argument("--dtype", default="float32", help="our compute dtype (params stay float32); bfloat16 was "
-                  "slower here even with avx512_bf16 (README)")
+  ap.add_argument("--dtype", default="float32", help="our compute dtype (params stay float32); bfloat16 "
+                  "(float32-accumulated matmuls) is the faster one on AMX CPUs for the small preset (README)")
   ap.add_argument("--decode-segments", type=int, default=0, help="Sampler decode_segments (0 = its default)")
   ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
   ap.add_argument("--host-threads", type=int, default=0,
@@ -92,8 +93,10 @@ def _loop_floor_ms(args) -> float:
   return _common.time_calls(call, warmup=1, repeats=args.repeats)[0] / args.new_tokens * 1e3
 
 
-def bench_hf(cfg, prompt, temperature, args, torch):
+def bench_hf(cfg, prompt, temperature, args, torch, bf16: bool = False):
   model = _common.hf_llama(cfg, torch).eval()
+  if bf16:  # the like-for-like peer of our bfloat16 compute (oneDNN bfloat16 kernels; AMX where the CPU has it)
+    model = model.to(torch.bfloat16)
   ids = torch.as_tensor(prompt, dtype=torch.long)
   attn = torch.ones_like(ids)
   kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
@@ -141,13 +144,16 @@ def main():
       prefill_s = _common.time_calls(prefill, warmup=1, repeats=args.repeats)[0]
       if torch is not None:
         fns["hf"] = bench_hf(cfg, prompt, temperature, args, torch)
+        if args.dtype == "bfloat16":
+          fns["hf bf16"] = bench_hf(cfg, prompt, temperature, args, torch, bf16=True)
       med = _common.time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
       assert sampler.trace_counts == {"prefill": 1, "decode": 1}, sampler.trace_counts  # compiled once
       ours_s, hf_s = med["ours"], med.get("hf")
       mode = "greedy" if temperature == 0 else f"T={temperature:g}"
       rows.append([preset, mode, f"{n_new / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}", f"{compile_s:.1f}",
                    f"{n_new / hf_s:,.0f}" if hf_s else "n/a", f"{hf_s * 1e3:,.0f}" if hf_s else "n/a",
-                   f"{hf_s / ours_s:.2f}x" if hf_s else "n/a"])
+                   f"{hf_s / ours_s:.2f}x" if hf_s else "n/a"]
+                  + ([f"{med['hf bf16'] * 1e3:,.0f}", f"{med['hf bf16'] / ours_s:.2f}x"] if "hf bf16" in med else []))
       costs = roofline.phase_costs(cfg, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                    segment_lengths=sampler.segment_lengths(args.prompt_len))
       peak, bw = roofline.decode_bounds(cfg, args.batch, args.prompt_len, args.new_tokens, {
@@ -155,9 +161,11 @@ def main():
       roof_rows.append(roofline.roofline_row(f"{preset} {mode}", "rollout decode", costs["rollout decode"],
                                              max(ours_s - prefill_s, 1e-9), peak=peak, bandwidth=bw))
       print(f"#   {preset} {mode}: ours {ours_s * 1e3:.0f} ms (prefill {prefill_s * 1e3:.1f} ms)"
-            + (f", HF {hf_s * 1e3:.0f} ms" if hf_s else ""), file=sys.stderr, flush=True)
+            + (f", HF {hf_s * 1e3:.0f} ms" if hf_s else "")
+            + (f", HF bf16 {med['hf bf16'] * 1e3:.0f} ms" if "hf bf16" in med else ""), file=sys.stderr, flush=True)
   print(_common.markdown_table(
-      ["model", "mode", "ours tok/s", "ours ms", "ours compile s", "HF generate tok/s", "HF ms", "speed-up"], rows))
+      ["model", "mode", "ours tok/s", "ours ms", "ours compile s", "HF generate tok/s", "HF ms", "speed-up"]
+      + (["HF bf16 ms", "speed-up vs HF bf16"] if args.dtype == "bfloat16" and torch is not None else []), rows))
   print(_common.markdown_table(roofline.ROOFLINE_HEADER, roof_rows))
   floor = _loop_floor_ms(args)
   print(f"# decode loop floor (1 layer, width 8, vocab 16, same batch/steps): {floor:.3f} ms a step, "

@@ -14,7 +14,12 @@ embedding gather not; the attention term counts the full T×T score and
 value products, forward + 2× backward, without halving for causality). XLA's
 own `cost_analysis()` count for the compiled step is printed alongside.
 The matmul peak is measured in the same run: 2048² float32 with numpy and
-jax.numpy, and 2048² bfloat16 with jax.numpy.
+jax.numpy, and 2048² bfloat16 with jax.numpy, both to a bfloat16 result and
+to a float32 one (`preferred_element_type`, the form our bfloat16 model uses;
+on AMX CPUs XLA:CPU runs it ~4× faster than the other). "of peak" is against
+the float32 peak for `--dtype float32` and the bfloat16 → float32 one otherwise.
+With `--dtype bfloat16` torch also runs under `torch.autocast("cpu",
+bfloat16)` (oneDNN bfloat16 kernels), the like-for-like peer.
 
     .venv-bench/bin/python experiments/benchmarks/sft_step.py                 # both sides
     .venv-bench/bin/python experiments/benchmarks/sft_step.py --torch-compile # + torch.compile
@@ -70,9 +75,11 @@ def matmul_peaks(n: int, repeats: int) -> dict:
   b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
   out = {"numpy f32": flops / _common.time_calls(lambda: a @ b, warmup=1, repeats=repeats)[0]}
   mm = jax.jit(jnp.dot)
-  for name, dt in (("jnp f32", jnp.float32), ("jnp bf16", jnp.bfloat16)):
+  mm_f32_acc = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  for name, dt, fn in (("jnp f32", jnp.float32, mm), ("jnp bf16", jnp.bfloat16, mm),
+                       ("jnp bf16 -> f32", jnp.bfloat16, mm_f32_acc)):
     x, y = jnp.asarray(a, dt), jnp.asarray(b, dt)
-    out[name] = flops / _common.time_calls(lambda: mm(x, y).block_until_ready(), warmup=1, repeats=repeats)[0]
+    out[name] = flops / _common.time_calls(lambda: fn(x, y).block_until_ready(), warmup=1, repeats=repeats)[0]
   return out
 
 
@@ -102,7 +109,7 @@ def bench_ours(cfg, tokens, args):
   return call, compile_s
 
 
-def bench_torch(cfg, tokens, args, torch, *, compile_model: bool):
+def bench_torch(cfg, tokens, args, torch, *, compile_model: bool, autocast: bool = False):
   import torch.nn.functional as F
   model = _common.hf_llama(cfg, torch).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
@@ -112,7 +119,8 @@ def bench_torch(cfg, tokens, args, torch, *, compile_model: bool):
 
   def call():
     opt.zero_grad(set_to_none=True)
-    logits = fwd(input_ids=inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      logits = fwd(input_ids=inputs).logits
     loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,13 +148,16 @@ def main():
   peaks = matmul_peaks(args.matmul_size, args.repeats)
   print(_common.markdown_table([f"matmul {args.matmul_size}² peak", "GFLOP/s"],
                                [[k, f"{v / 1e9:,.1f}"] for k, v in peaks.items()]))
-  f32_peak = max(peaks["numpy f32"], peaks["jnp f32"])
+  peak = max(peaks["numpy f32"], peaks["jnp f32"]) if args.dtype == "float32" else peaks["jnp bf16 -> f32"]
+  peers = ["torch eager"] + (["torch autocast bf16"] if args.dtype == "bfloat16" else []) + (
+      ["torch.compile"] if args.torch_compile else [])
   rows = []
   for preset in args.presets.split(","):
     cfg = models.get_model_config(preset, dtype=args.dtype)
     cfg = dataclasses.replace(cfg, scan_unroll=models.resolve_scan_unroll(args.scan_unroll, cfg.n_layers))
     from rlhf_jax.steps.common import microbatch_rows
-    mb = microbatch_rows(args.batch, args.seq_len, "auto" if args.microbatch == -1 else (args.microbatch or None))
+    # The step's token buffer is [B, T + 1] (inputs and the shifted targets): chunks are sized by its width.
+    mb = microbatch_rows(args.batch, args.seq_len + 1, "auto" if args.microbatch == -1 else (args.microbatch or None))
     print(f"#   {preset}: scan_unroll {cfg.scan_unroll}, {mb} rows a forward/backward chunk")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(args.batch, args.seq_len + 1))
     n_tok = args.batch * args.seq_len
@@ -155,22 +166,24 @@ def main():
     fns["ours"], compile_s = bench_ours(cfg, tokens, args)
     if torch is not None:
       fns["torch eager"], _ = bench_torch(cfg, tokens, args, torch, compile_model=False)
+      if "torch autocast bf16" in peers:
+        fns["torch autocast bf16"], _ = bench_torch(cfg, tokens, args, torch, compile_model=False, autocast=True)
       if args.torch_compile:
         fns["torch.compile"], tc_compile_s = bench_torch(cfg, tokens, args, torch, compile_model=True)
         print(f"#   {preset}: torch.compile first call {tc_compile_s:.1f} s", file=sys.stderr)
     med = _common.time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     ours_s = med["ours"]
     row = [preset, f"{cfg.num_params() / 1e6:.2f}M", f"{n_tok / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}",
-           f"{flops / ours_s / 1e9:,.1f}", f"{flops / ours_s / f32_peak:.0%}", f"{compile_s:.1f}"]
-    for name in (("torch eager", "torch.compile") if args.torch_compile else ("torch eager",)):
+           f"{flops / ours_s / 1e9:,.1f}", f"{flops / ours_s / peak:.0%}", f"{compile_s:.1f}"]
+    for name in peers:
       t_s = med.get(name)
       row += [f"{n_tok / t_s:,.0f}", f"{t_s / ours_s:.2f}x"] if t_s else ["n/a", "n/a"]
     print("#   " + preset + ": " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()), file=sys.stderr,
           flush=True)
     rows.append(row)
-  header = ["model", "params", "ours tok/s", "ours ms", "ours GFLOP/s", "of f32 peak", "compile s", "torch eager tok/s", "speed-up vs eager"]
-  if args.torch_compile:
-    header += ["torch.compile tok/s", "speed-up vs compile"]
+  header = ["model", "params", "ours tok/s", "ours ms", "ours GFLOP/s", f"of {args.dtype} peak", "compile s"]
+  for name in peers:
+    header += [f"{name} tok/s", f"speed-up vs {name}"]
   print(_common.markdown_table(header, rows))
   print(f"# load average at end: {_common.load_average()}")
 
