@@ -132,9 +132,10 @@ def measure_bounds(*, repeats: int = 5, n: int = 2048, mem_mib: int = 256) -> di
   import jax
   import jax.numpy as jnp
   out = {}
-  mm = jax.jit(jnp.dot)
+  from rlhf_jax.models.transformer import _matmul  # bfloat16 the way the model runs it: accumulated in float32
   for name, dt in (("matmul f32", jnp.float32), ("matmul bf16", jnp.bfloat16)):
     x = jnp.ones((n, n), dt)
+    mm = jax.jit(lambda a, b, dt=dt: _matmul(a, b, dt))
     out[name] = 2 * n ** 3 / _common.time_calls(lambda: mm(x, x).block_until_ready(), warmup=1, repeats=repeats)[0]
   nbytes = mem_mib * 2 ** 20
   buf = {"a": jnp.ones((nbytes // 4,), jnp.float32)}
