@@ -63,7 +63,7 @@ def test_bf16_sft_step_sharded_matches_single_device(setup):
   # bfloat16 compute on the CPU takes the float32-accumulating matmul (custom VJP, optimization barriers,
   # a flattened transpose): it must partition on the mesh and give the single-device losses up to
   # bfloat16 rounding (summation order differs between the two layouts).
-  cfg, meshes = setup
+  _, meshes = setup
   cfg = models.get_model_config("tiny", dtype="bfloat16")
   batch = encode_pairs(TOK, [f"prompt {i}" for i in range(8)], [f"answer {i * 7}" for i in range(8)], 16, 16)
   _, l1 = _sft_run(cfg, meshes["one"], batch)
