@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.logprobs import unembedding
+from rlhf_jax.models.logprobs import head_logits
 from rlhf_jax.models.transformer import Transformer, init_cache, positions_from_mask, unscan_params
 from rlhf_jax import sharding as shd
 
@@ -265,8 +265,7 @@ class Sampler:
                                      cache_index=0, kv_mask_BxS=prompt_mask_BxP, return_hidden=True, out_from=p - 1)
     # Only the last position's logits are needed: B·D·V head FLOPs instead of B·P·D·V, and the last layer
     # computes that position's query and MLP only (`out_from`; every position still writes its keys and values).
-    dt = jnp.dtype(self.cfg.dtype)
-    last_logits = jnp.dot(hidden[:, -1, :], unembedding(params, self.cfg).astype(dt))
+    last_logits = head_logits(hidden[:, -1, :], params, self.cfg)
     rep = lambda x: jnp.repeat(x, n, axis=0)  # the prompt is computed once, shared by its N samples
     last_logits = rep(last_logits)
     tokens = jnp.pad(rep(prompt_tokens_BxP), ((0, 0), (0, g)), constant_values=self.pad_id)

@@ -132,10 +132,10 @@ def measure_bounds(*, repeats: int = 5, n: int = 2048, mem_mib: int = 256) -> di
   import jax
   import jax.numpy as jnp
   out = {}
-  from rlhf_jax.models.transformer import _matmul  # bfloat16 the way the model runs it: accumulated in float32
+  from rlhf_jax.models.transformer import matmul  # bfloat16 the way the model runs it: accumulated in float32
   for name, dt in (("matmul f32", jnp.float32), ("matmul bf16", jnp.bfloat16)):
     x = jnp.ones((n, n), dt)
-    mm = jax.jit(lambda a, b, dt=dt: _matmul(a, b, dt))
+    mm = jax.jit(lambda a, b, dt=dt: matmul(a, b, dt))
     out[name] = 2 * n ** 3 / _common.time_calls(lambda: mm(x, x).block_until_ready(), warmup=1, repeats=repeats)[0]
   nbytes = mem_mib * 2 ** 20
   buf = {"a": jnp.ones((nbytes // 4,), jnp.float32)}
@@ -166,7 +166,7 @@ def read_bandwidth(nbytes: int, *, repeats: int = 5, passes: int = 0) -> float:
 
 def decode_matmul_peak(cfg, rows: int, *, repeats: int = 5, iters: int = 64) -> float:
   """FLOP/s of the decode's own matmul shape, [rows, D] @ [D, F] in the compute dtype as the model runs it
-  (`models.transformer._matmul`), in a jitted loop.
+  (`models.transformer.matmul`), in a jitted loop.
 
   With rows = R = 32 this is far below the 2048² peak: it is the compute bound a decode step can reach.
   """
@@ -176,8 +176,8 @@ def decode_matmul_peak(cfg, rows: int, *, repeats: int = 5, iters: int = 64) -> 
   a = jnp.ones((rows, cfg.dim), dt)
   w = jnp.ones((cfg.dim, cfg.mlp_dim), dt)
   w2 = jnp.ones((cfg.mlp_dim, cfg.dim), dt)
-  from rlhf_jax.models.transformer import _matmul  # the model's product (bfloat16: float32-accumulated)
-  body = lambda i, x: _matmul(_matmul(x, w, dt), w2, dt) * 1e-3
+  from rlhf_jax.models.transformer import matmul  # the model's product (bfloat16: float32-accumulated)
+  body = lambda i, x: matmul(matmul(x, w, dt), w2, dt) * 1e-3
   f = jax.jit(lambda a: jax.lax.fori_loop(0, iters, body, a))
   flops = iters * 2 * 2 * rows * cfg.dim * cfg.mlp_dim
   return flops / _common.time_calls(lambda: f(a).block_until_ready(), warmup=1, repeats=repeats)[0]

@@ -12,7 +12,7 @@ from rlhf_jax.models.params import (abstract_params, count_params, init_params, 
 from rlhf_jax.models.hf import load_pretrained, save_pretrained
 from rlhf_jax.models.lora import (LORA_TARGETS, apply_lora, init_lora, lora_logical_axes, lora_optimizer,
                                   make_lora_apply_fn, merge_lora)
-from rlhf_jax.models.logprobs import chunked_completion_logprobs, unembedding
+from rlhf_jax.models.logprobs import chunked_completion_logprobs, head_logits, unembedding
 
 __all__ = [
     "PRESETS", "ModelConfig", "get_model_config", "resolve_scan_unroll", "Transformer", "apply_rope",
@@ -20,5 +20,5 @@ __all__ = [
     "positions_from_mask", "rope_inv_freq", "unscan_params", "abstract_params", "count_params", "init_params", "logical_axes",
     "lm_to_scalar_params", "make_apply_fn", "load_pretrained", "save_pretrained", "LORA_TARGETS", "apply_lora",
     "init_lora", "lora_logical_axes", "lora_optimizer", "make_lora_apply_fn", "merge_lora",
-    "chunked_completion_logprobs", "unembedding",
+    "chunked_completion_logprobs", "head_logits", "unembedding",
 ]

@@ -22,6 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import matmul
+
+
+def head_logits(hidden_MxD: jax.Array, params, cfg: ModelConfig) -> jax.Array:
+  """float32 logits [M, V] of final hidden states [M, D]: the product the model's LM head computes (the tied
+  embedding read as stored, no transposed copy; `transformer.matmul`)."""
+  if cfg.tie_embeddings:
+    return matmul(hidden_MxD, params["embedding"], cfg.dtype, w_transposed=True, out_dtype=jnp.float32)
+  return matmul(hidden_MxD, unembedding(params, cfg), cfg.dtype, out_dtype=jnp.float32)
 
 
 def unembedding(params, cfg: ModelConfig) -> jax.Array:
@@ -35,7 +44,7 @@ def unembedding(params, cfg: ModelConfig) -> jax.Array:
 
 def chunked_completion_logprobs(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array, targets_BxT: jax.Array, *,
                                 chunk: int, temperature: float = 1.0, with_entropy: bool = False,
-                                compute_dtype: Optional[jnp.dtype] = None):
+                                compute_dtype: Optional[jnp.dtype] = None, transposed: bool = False):
   """Log-probability of `targets_BxT` under softmax(hidden @ unembed / temperature), chunk by chunk.
 
   Args:
@@ -47,6 +56,7 @@ def chunked_completion_logprobs(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array,
     temperature: logits are divided by it (the sampled distribution's log-probs).
     with_entropy: also return the per-token entropy of the distribution.
     compute_dtype: dtype of the matmul inputs (default: hidden's); accumulation, softmax and outputs are float32.
+    transposed: `unembed_DxV` is given as its transpose [V, D] (a tied embedding as stored), read as it is.
 
   Returns:
     logp_BxT float32, or (logp_BxT, entropy_BxT) with `with_entropy`.
@@ -54,8 +64,9 @@ def chunked_completion_logprobs(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array,
   if hidden_BxTxD.ndim != 3:
     raise ValueError(f"hidden_BxTxD must be [B, T, D], got shape {hidden_BxTxD.shape}")
   b, t, d = hidden_BxTxD.shape
-  if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != d:
-    raise ValueError(f"unembed_DxV must be [D={d}, V], got shape {unembed_DxV.shape}")
+  if unembed_DxV.ndim != 2 or unembed_DxV.shape[1 if transposed else 0] != d:
+    want = f"[V, D={d}] (transposed=True)" if transposed else f"[D={d}, V]"
+    raise ValueError(f"unembed_DxV must be {want}, got shape {unembed_DxV.shape}")
   if targets_BxT.shape != (b, t):
     raise ValueError(f"targets_BxT must be [B, T] = {(b, t)}, got shape {targets_BxT.shape}")
   if int(chunk) <= 0:
@@ -68,19 +79,20 @@ def chunked_completion_logprobs(hidden_BxTxD: jax.Array, unembed_DxV: jax.Array,
   dt = compute_dtype or hidden_BxTxD.dtype
   h = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
   y = jnp.pad(targets_BxT.astype(jnp.int32), ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-  w = unembed_DxV.astype(dt)
 
   @jax.checkpoint
-  def one_chunk(h_BxCxD, y_BxC, w_DxV):
-    z = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(dt), w_DxV, preferred_element_type=jnp.float32)
-    z = z / temperature
+  def one_chunk(h_BxCxD, y_BxC, w):
+    # The model's head product (float32 accumulator; on the CPU the bfloat16 form XLA runs fast). `w` enters in
+    # its own dtype so that its gradient is summed over the chunks in that dtype, not rounded to `dt` first.
+    z = matmul(h_BxCxD.reshape(-1, d), w, dt, w_transposed=transposed, out_dtype=jnp.float32)
+    z = z.reshape(*h_BxCxD.shape[:2], -1) / temperature
     lse = jax.nn.logsumexp(z, axis=-1)
     logp = jnp.take_along_axis(z, y_BxC[..., None], axis=-1)[..., 0] - lse
     if not with_entropy:
       return logp, jnp.zeros_like(logp)
     return logp, lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
-  logp_NxBxC, ent_NxBxC = jax.lax.map(lambda xs: one_chunk(xs[0], xs[1], w), (h, y))
+  logp_NxBxC, ent_NxBxC = jax.lax.map(lambda xs: one_chunk(xs[0], xs[1], unembed_DxV), (h, y))
   unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
   if with_entropy:
     return unchunk(logp_NxBxC), unchunk(ent_NxBxC)

@@ -164,24 +164,29 @@ def _f32_acc_matmul(x_dtype, w_dtype, dtype, w_transposed: bool) -> Callable[[Ar
   return matmul
 
 
-def _matmul(x_MxK: Array, w: Array, dtype, w_transposed: bool = False) -> Array:
-  """x @ w (w [K, N]), or x @ wᵀ with `w_transposed` (w [N, K]), in the compute dtype `dtype`.
+def matmul(x_MxK: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=None) -> Array:
+  """x @ w (w [K, N]), or x @ wᵀ with `w_transposed` (w [N, K], e.g. a tied embedding as stored), with both
+  operands cast to the compute dtype `dtype`; the result in `out_dtype` (default `dtype`).
 
-  Sub-float32 dtypes on the CPU backend accumulate in float32 (`_f32_acc_matmul`: bfloat16 → float32 is
-  the form XLA:CPU runs fast; bfloat16 → bfloat16 it runs at about the float32 rate or below); elsewhere
-  (float32; accelerators, whose bfloat16 dots accumulate in float32 anyway) a plain `jnp.dot`.
+  The model's every weight product goes through here. Sub-float32 dtypes on the CPU backend accumulate in
+  float32 (`_f32_acc_matmul`: bfloat16 → float32 is the form XLA:CPU runs fast; bfloat16 → bfloat16 it runs
+  at about the float32 rate or below); elsewhere (float32; accelerators, whose bfloat16 dots accumulate in
+  float32 anyway) a plain `jnp.dot`. `out_dtype=jnp.float32` keeps the float32 accumulator unrounded (the LM
+  head's logits).
   """
   dtype = jnp.dtype(dtype)
+  out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
   if dtype.itemsize >= 4 or jax.default_backend() != "cpu":
-    return jnp.dot(x_MxK.astype(dtype), (w.T if w_transposed else w).astype(dtype))
+    out = jnp.dot(x_MxK.astype(dtype), (w.T if w_transposed else w).astype(dtype), preferred_element_type=out_dtype)
+    return out.astype(out_dtype)
   fn = _f32_acc_matmul(jnp.dtype(x_MxK.dtype), jnp.dtype(w.dtype), dtype, w_transposed)
-  return fn(x_MxK, w).astype(dtype)
+  return fn(x_MxK, w).astype(out_dtype)
 
 
 def _dense(x, kernel, dtype):
   """x[..., in] @ kernel[in, ...] on a flattened 2-D view (faster grads on XLA:CPU)."""
   lead = x.shape[:-1]
-  y = _matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1), dtype)
+  y = matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1), dtype)
   return y.reshape(*lead, *kernel.shape[1:])
 
 
@@ -231,7 +236,7 @@ class Attention(nn.Module):
     scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, q_from:, :]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b * t, h * hd)
-    y = _matmul(out, wo.reshape(h * hd, cfg.dim), dt).reshape(b, t, cfg.dim)
+    y = matmul(out, wo.reshape(h * hd, cfg.dim), dt).reshape(b, t, cfg.dim)
     return y, cache
 
 
@@ -306,9 +311,10 @@ class Transformer(nn.Module):
 
   __call__(tokens_BxT, mask_BxT, *, positions_BxT=None, cache=None,
            cache_index=0, kv_mask_BxS=None, return_hidden=False, out_from=0)
-    -> (out, new_cache)  where out is logits [B,T,V] (float32 for the lm
-       head... in the compute dtype), values [B,T] (float32), or, with
-       return_hidden, the final normalised hidden states [B,T,D].
+    -> (out, new_cache)  where out is logits [B,T,V] (float32: the head's
+       accumulator, not rounded to the compute dtype), values [B,T] (float32),
+       or, with return_hidden, the final normalised hidden states [B,T,D] (in
+       the compute dtype).
   `out_from` (a static int) returns `out` for positions [out_from, T) only: the
   final norm and the head skip the positions nobody reads (the prompt, when only
   a completion is scored), which for a large vocabulary is much of a forward, and
@@ -387,11 +393,11 @@ class Transformer(nn.Module):
       values = jnp.dot(h.reshape(-1, cfg.dim).astype(jnp.float32), w.astype(jnp.float32)) + b.astype(jnp.float32)
       return values.reshape(h.shape[:2]), new_cache
     if cfg.tie_embeddings:
-      logits = _matmul(h.reshape(-1, cfg.dim), embed, dt, w_transposed=True)
+      logits = matmul(h.reshape(-1, cfg.dim), embed, dt, w_transposed=True, out_dtype=jnp.float32)
     else:
       w = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
                  nn.initializers.normal(stddev=cfg.dim ** -0.5), cfg)
-      logits = _matmul(h.reshape(-1, cfg.dim), w, dt)
+      logits = matmul(h.reshape(-1, cfg.dim), w, dt, out_dtype=jnp.float32)
     return logits.reshape(*h.shape[:2], cfg.vocab_size), new_cache
 
 

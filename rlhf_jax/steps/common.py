@@ -51,9 +51,10 @@ def completion_logprobs(apply_fn: Callable, params, tokens_BxS, mask_BxS, prompt
     from rlhf_jax.models.logprobs import chunked_completion_logprobs  # pylint: disable=import-outside-toplevel
     hidden = _completion_outputs(apply_fn, params, tokens_BxS, mask_BxS, prompt_len, return_hidden=True)
     base = params.get("base", params)  # LoRA adapts attention and MLP only: the unembedding is the base's
-    unembed_DxV = base["lm_head"] if "lm_head" in base else base["embedding"].T
-    return chunked_completion_logprobs(hidden, unembed_DxV, targets_BxG, chunk=chunk,
-                                       temperature=temperature, with_entropy=with_entropy)
+    tied = "lm_head" not in base  # the tied embedding [V, D] is read as stored
+    return chunked_completion_logprobs(hidden, base["embedding"] if tied else base["lm_head"], targets_BxG,
+                                       chunk=chunk, temperature=temperature, with_entropy=with_entropy,
+                                       transposed=tied)
   logits_BxGxV = _completion_outputs(apply_fn, params, tokens_BxS, mask_BxS, prompt_len)
   if temperature != 1.0:
     logits_BxGxV = logits_BxGxV.astype(jnp.float32) / temperature

@@ -81,8 +81,11 @@ def test_bf16_compute_is_close_to_f32(tiny):
   cfg, params, apply = tiny
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 256)
   ref, _ = apply(params, tokens)
-  out, _ = jax.jit(models.make_apply_fn(get_model_config("tiny", dtype="bfloat16")))(params, tokens)
-  assert out.dtype == jnp.bfloat16
+  apply16 = jax.jit(models.make_apply_fn(get_model_config("tiny", dtype="bfloat16")), static_argnames="return_hidden")
+  out, _ = apply16(params, tokens)
+  # The activations are bfloat16; the logits are the head's float32 accumulator, not rounded to bfloat16.
+  assert apply16(params, tokens, return_hidden=True)[0].dtype == jnp.bfloat16
+  assert out.dtype == jnp.float32
   p32 = jax.nn.softmax(ref, -1)
   p16 = jax.nn.softmax(out.astype(jnp.float32), -1)
   assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.05
@@ -90,10 +93,10 @@ def test_bf16_compute_is_close_to_f32(tiny):
 
 @pytest.mark.parametrize("w_transposed", [False, True])
 def test_bf16_matmul_is_the_float32_product_of_the_rounded_inputs(w_transposed):
-  # On the CPU a bfloat16 `_matmul` accumulates in float32 (custom VJP): its value and both gradients must be
+  # On the CPU a bfloat16 `matmul` accumulates in float32 (custom VJP): its value and both gradients must be
   # the exact products of the bfloat16-rounded operands (cotangent included), up to float32 summation order,
   # and the float32 weight's gradient must come back in float32, unrounded.
-  from rlhf_jax.models.transformer import _matmul
+  from rlhf_jax.models.transformer import matmul
   rng = np.random.default_rng(0)
   x = rng.standard_normal((64, 48)).astype(np.float32)
   w = rng.standard_normal((40, 48) if w_transposed else (48, 40)).astype(np.float32)
@@ -102,7 +105,7 @@ def test_bf16_matmul_is_the_float32_product_of_the_rounded_inputs(w_transposed):
   x16 = jnp.asarray(x, jnp.bfloat16)
 
   def f(x, w):
-    return _matmul(x, w, jnp.bfloat16, w_transposed=w_transposed)
+    return matmul(x, w, jnp.bfloat16, w_transposed=w_transposed)
 
   y, vjp = jax.jit(lambda x, w: jax.vjp(f, x, w))(x16, jnp.asarray(w))
   dx, dw = jax.jit(vjp)(jnp.asarray(ct, jnp.bfloat16))
