@@ -217,6 +217,33 @@ def test_infinite_learning_rate_update_is_skipped():
   _assert_tree_bitwise(new.params, params)
 
 
+@pytest.mark.parametrize("name", ["lion", "adafactor", "inject_hyperparams_adamw", "multisteps"])
+def test_guard_with_other_optax_transformations(name):
+  # The guard works for any optax transformation: an applied step is the unguarded update, with each state leaf
+  # in the promotion of its old and new dtypes (inject_hyperparams returns a bfloat16 parameter's Adam moments in
+  # float32); a skipped step leaves everything bit-identical, in those dtypes.
+  tx = {"lion": optax.lion(1e-3), "adafactor": optax.adafactor(1e-2),
+        "inject_hyperparams_adamw": optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2),
+        "multisteps": optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)}[name]
+  params = dict(_params(), half=jnp.ones((3, 2), jnp.bfloat16))
+  state = state_lib.create_train_state(params, tx, jax.random.PRNGKey(0))
+  grads = jax.tree.map(lambda p: (jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) / p.size - 0.3)
+                       .astype(p.dtype), params)
+  step = jax.jit(lambda s, g: state_lib.apply_gradients_with_status(s, g, tx))
+  new, skipped = step(state, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  assert float(skipped) == 0.0
+  for got, want in ((new.params, optax.apply_updates(state.params, updates)), (new.opt_state, opt_state)):
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert x.dtype == y.dtype
+      rtol = 1e-6 if x.dtype != jnp.bfloat16 else 2 ** -7  # XLA fuses the two programs differently: 1 bf16 ulp
+      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=1e-9)
+  out, skipped = step(new, jax.tree.map(lambda g: g * jnp.nan, grads))
+  assert float(skipped) == 1.0
+  _assert_tree_bitwise(out.params, new.params)
+  _assert_tree_bitwise(out.opt_state, new.opt_state)
+
+
 def test_apply_gradients_keeps_its_signature_and_is_guarded():
   tx = state_lib.make_optimizer(learning_rate=1e-2, total_steps=10)
   state = state_lib.create_train_state(_params(), tx, jax.random.PRNGKey(0))
