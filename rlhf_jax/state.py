@@ -111,17 +111,8 @@ def apply_gradients_with_status(state: TrainState, grads: Any, optimizer: optax.
   global norm) or an update made non-finite by the optimizer (e.g. an
   infinite learning rate) leaves `params` and `opt_state` bit-identical: the
   step counter still advances, so the data position and per-step keys stay in
-  step with an unskipped run. The choice is traced control flow (`lax.cond`):
-  no Python branch on values, no host sync.
-
-  Cost: `ok` needs the updates before any parameter is written, so the
-  optimizer's update is computed twice: once only to reduce it to `ok` (behind
-  an optimization barrier, so that XLA keeps it a fused read-only pass instead
-  of materialising the updates), once inside the taken branch, where XLA
-  updates the donated buffers in place. An element-wise `jnp.where(ok, new,
-  old)` over every leaf instead cost 2.8–3.3× the unguarded update on the CPU
-  (75M float32 parameters: 520–670 ms against 165–190; this form 220–260 ms;
-  issue 15, experiments/RESULTS.md).
+  step with an unskipped run. The choice is made with `jnp.where` inside the
+  traced function: no Python branch on values, no host sync.
 
   Args:
     state: current state.
@@ -134,23 +125,16 @@ def apply_gradients_with_status(state: TrainState, grads: Any, optimizer: optax.
     was skipped and 0.0 when it was applied (a metric that averages to the
     fraction of skipped steps).
   """
-  checked = jax.lax.optimization_barrier((grads, state.opt_state, state.params))
-  ok = _all_finite(grads) & _all_finite(optimizer.update(*checked)[0])
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  ok = _all_finite(grads) & _all_finite(updates)
   if loss is not None:
     ok = ok & jnp.all(jnp.isfinite(jnp.asarray(loss)))
-
-  def update(params_and_opt_state):
-    params, opt_state = params_and_opt_state
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  # Both branches return each leaf in the promotion of its old and new dtypes, as `jnp.where(ok, new, old)`
-  # would (e.g. `optax.inject_hyperparams` returns a bfloat16 parameter's Adam moments in float32).
-  old = (state.params, state.opt_state)
-  dtypes = jax.tree.map(lambda n, o: jnp.promote_types(n.dtype, jnp.result_type(o)), jax.eval_shape(update, old), old)
-  cast = lambda tree: jax.tree.map(lambda x, dt: jnp.asarray(x).astype(dt), tree, dtypes)
-  params, opt_state = jax.lax.cond(ok, lambda x: cast(update(x)), cast, old)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=jax.tree.map(keep, optax.apply_updates(state.params, updates), state.params),
+      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+  )
   return new_state, 1.0 - ok.astype(jnp.float32)
 
 
