@@ -30,6 +30,11 @@ TIMEOUT_S = 60.0  # for all others: never reached, even on a loaded machine
 CPU_S = 1  # stops the spinning ones
 MARGIN_S = 10.0  # spawn + teardown on a loaded 2-core machine
 NEVER_END = ("sleep_in_c", "select_forever")
+# Programs that only the memory limit may stop: given CPU time to spare, so that on a loaded machine (page
+# faults under memory pressure are charged as CPU time) the CPU limit cannot get there first (CI, 2 Dec 2026:
+# the memory bomb was SIGKILLed at CPU_S = 1 s during a clean-clone run).
+MEMORY_ONLY = ("memory_bomb",)
+MEMORY_ONLY_CPU_S = 20
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sandbox")
 
@@ -312,13 +317,15 @@ def hostile_run(tmp_path_factory):
     for name, (problem, completion) in graded.items():
         corpus[name] = (minicode.program_for(problem, completion), {"error"})
     limits = dict(memory_mb=256, max_file_mb=8, max_output_bytes=4096, max_workers=4, cache=False)
-    names = [n for n in corpus if n not in NEVER_END]
+    names = [n for n in corpus if n not in NEVER_END + MEMORY_ONLY]
     try:
         results = execution.execute_many([corpus[n][0] for n in names], timeout_s=TIMEOUT_S,
                                           cpu_time_s=CPU_S, **limits)
         results += execution.execute_many([corpus[n][0] for n in NEVER_END],
                                           timeout_s=SLEEP_TIMEOUT_S, **limits)
-        names += list(NEVER_END)
+        results += execution.execute_many([corpus[n][0] for n in MEMORY_ONLY], timeout_s=TIMEOUT_S,
+                                          cpu_time_s=MEMORY_ONLY_CPU_S, **limits)
+        names += list(NEVER_END) + list(MEMORY_ONLY)
         naive = execution.execute_many([_naive_program(*graded[n]) for n in graded],
                                        timeout_s=TIMEOUT_S, cpu_time_s=CPU_S, **limits)
     finally:
