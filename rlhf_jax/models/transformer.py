@@ -139,8 +139,8 @@ def _f32_acc_matmul(x_dtype, w_dtype, dtype, w_transposed: bool) -> Callable[[Ar
   results come back in x's and w's own dtypes (a float32 weight gets its gradient unrounded).
 
   Every product is a row-major dot contracted over the lhs' last axis, the form YNNPACK (XLA:CPU's matmul
-  library) runs on bfloat16 inputs with float32 output: on an AMX CPU 4–5× the float32 rate (issue 15,
-  experiments/RESULTS.md; AVX-512 BF16 CPUs without AMX not measured). Autodiff of `jnp.dot(x, w, preferred_element_type=float32)` would
+  library) runs on bfloat16 inputs with float32 output: on an AMX CPU 4–5× the float32 rate, with AVX-512 BF16
+  only ≈ 2× (issue 15, experiments/RESULTS.md). Autodiff of `jnp.dot(x, w, preferred_element_type=float32)` would
   give float32 × bfloat16 and transposed-lhs products, which XLA:CPU runs in float32.
   """
   w_contract = 1 if w_transposed else 0
