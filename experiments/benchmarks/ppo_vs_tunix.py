@@ -102,6 +102,8 @@ def parse_args():
   ap.add_argument("--draw", default="gumbel", help="our Sampler's draw: gumbel (default) or inverse_cdf")
   ap.add_argument("--host-threads", type=int, default=0,
                   help="our Sampler's host_threads (0 = auto: the prompts split over the usable cores; 1 = one call)")
+  ap.add_argument("--kernel-layout", default="", choices=("", "in_out", "out_in"),
+                  help="the Sampler decode's kernel_layout ('' = auto: out_in on an AVX2-only CPU, in_out elsewhere)")
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--tunix-python", default=DEFAULT_TUNIX_PYTHON, help="python of the tunix venv")
@@ -162,7 +164,8 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
   lm_apply, scalar_apply = models.make_apply_fn(cfg), models.make_apply_fn(cfg, head="scalar")
   # eos_id outside the vocabulary: every row generates all new tokens, as on the tunix side.
   sampler = Sampler(cfg, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, num_samples=num_samples),
-                    eos_id=-1, pad_id=0, draw=args.draw, host_threads=args.host_threads or None)
+                    eos_id=-1, pad_id=0, draw=args.draw, host_threads=args.host_threads or None,
+                    kernel_layout=args.kernel_layout or None)
   score = jax.jit(make_ppo_score_fn(lm_apply, prompt_len=args.prompt_len, critic_apply=scalar_apply if gae else None,
                                     reward_apply=scalar_apply, microbatch=microbatch))
 
@@ -216,7 +219,7 @@ def bench_ours(args, prompts, *, num_prompts: int, num_samples: int, advantage: 
           "update_s": med["update"], "cpu_s": med["cpu"], "first_iteration_s": times[0]["iteration"],
           "iteration_s_all": [t["iteration"] for t in times], "jax_version": jax.__version__,
           "scan_unroll": cfg.scan_unroll, "microbatch": str(microbatch),
-          "sampler_host_threads": sampler.threads_for(num_prompts),
+          "sampler_host_threads": sampler.threads_for(num_prompts), "kernel_layout": sampler.kernel_layout,
           "costs": iteration_costs(cfg, args, num_prompts=num_prompts, num_samples=num_samples, critic=gae,
                                    segment_lengths=sampler.segment_lengths(args.prompt_len))}
 
@@ -398,7 +401,8 @@ def main():
   from experiments.benchmarks import roofline
   print(f"cpu flags: {roofline.cpu_flags()}; ours with scan_unroll {results[0]['scan_unroll']}, "
         f"microbatch {results[0]['microbatch']} (resolved: {_microbatch_rows(args, results[0])} rows a chunk), "
-        f"draw {args.draw}, sampler host threads {[r.get('sampler_host_threads') for r in results[:-1 if tunix else None]]}\n")
+        f"draw {args.draw}, sampler host threads {[r.get('sampler_host_threads') for r in results[:-1 if tunix else None]]}, "
+        f"decode kernel layout {results[0].get('kernel_layout')}\n")
   print(_common.markdown_table(header, [row(r, new_tokens=args.new_tokens, tunix_s=tunix_s, tunix_cpu_s=tunix_cpu_s)
                                                 for r in results]))
   if args.rounds > 1:

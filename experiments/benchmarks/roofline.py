@@ -183,6 +183,39 @@ def decode_matmul_peak(cfg, rows: int, *, repeats: int = 5, iters: int = 64) -> 
   return flops / _common.time_calls(lambda: f(a).block_until_ready(), warmup=1, repeats=repeats)[0]
 
 
+def decode_weight_matmuls_s(cfg, rows: int, *, kernel_layout: str = "in_out", steps: int = 16,
+                            repeats: int = 3) -> float:
+  """Seconds a decode step spends in its weight matmuls alone: [rows, D] through every layer's own q, k, v,
+  o, gate, up and down kernels and the LM head, in the compute dtype as the model runs them, the kernels
+  read in `kernel_layout` (the Sampler's); attention, norms, sampling and buffer updates left out.
+
+  Every layer has its own arrays, so the step's weights stream through the caches as in the decode; the
+  one [D, F] weight of `decode_matmul_peak`, reused, stays in cache and gives the rate of a step whose
+  weights all fit there.
+  """
+  import jax
+  import jax.numpy as jnp
+  from rlhf_jax.models.transformer import matmul
+  dt = jnp.dtype(cfg.dtype)
+  d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_dim
+  shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # [in, out] of wq wk wv wo gate up down
+  out_in = kernel_layout == "out_in"
+  layers = [[jnp.full((o, i) if out_in else (i, o), 1e-3, dt) for i, o in shapes] for _ in range(cfg.n_layers)]
+  head = jnp.full((cfg.vocab_size, d), 1e-3, dt)  # [V, D]: the tied embedding as the head reads it
+
+  def step(_, x, layers, head):
+    mm = lambda a, w: matmul(a, w, dt, w_transposed=out_in)  # noqa: E731
+    for wq, wk, wv, wo, wg, wu, wd in layers:
+      a = mm(x, wq)
+      x = jnp.tanh(x + mm(a, wo) + 1e-6 * (jnp.mean(mm(x, wk)) + jnp.mean(mm(x, wv))))
+      x = jnp.tanh(x + mm(jax.nn.silu(mm(x, wg)) * mm(x, wu), wd))
+    return x + 1e-6 * jnp.mean(matmul(x, head, dt, w_transposed=True, out_dtype=jnp.float32))
+
+  run = jax.jit(lambda x, layers, head: jax.lax.fori_loop(0, steps, lambda i, x: step(i, x, layers, head), x))
+  x = jnp.ones((rows, d), dt)
+  return _common.time_calls(lambda: run(x, layers, head).block_until_ready(), warmup=1, repeats=repeats)[0] / steps
+
+
 def bounds_table(bounds: dict[str, float]) -> str:
   rows = [[k, f"{v / 1e9:,.1f}", "GFLOP/s" if "matmul" in k else "GB/s"] for k, v in bounds.items()]
   return _common.markdown_table(["bound (measured now)", "value", "unit"], rows)
@@ -227,6 +260,8 @@ def parse_args():
   ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
   ap.add_argument("--host-threads", type=int, default=0,
                   help="Sampler host_threads (0 = auto: the prompts split over the usable cores; 1 = one call)")
+  ap.add_argument("--kernel-layout", default="", choices=("", "in_out", "out_in"),
+                  help="the Sampler decode's kernel_layout ('' = auto: out_in on an AVX2-only CPU, in_out elsewhere)")
   ap.add_argument("--scan-unroll", type=int, default=-1,
                   help="layers per scan iteration, as config.model.scan_unroll: -1 = auto (the run configs' default)")
   ap.add_argument("--microbatch", type=int, default=-1,
@@ -254,7 +289,8 @@ def run_preset(spec: str, args, bounds) -> list[list]:
   prompt = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(b, p)), jnp.int32)
   mask = jnp.ones_like(prompt)
   sampler = sampling.Sampler(cfg, sampling.SamplingParams(max_new_tokens=g, temperature=1.0, num_samples=n),
-                             eos_id=-1, pad_id=0, draw=args.draw, host_threads=args.host_threads or None)
+                             eos_id=-1, pad_id=0, draw=args.draw, host_threads=args.host_threads or None,
+                             kernel_layout=args.kernel_layout or None)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
   holder = {}
 
@@ -320,7 +356,9 @@ def main():
   import jax
   print(f"# roofline: batch {args.batch} x {args.num_samples} samples, prompt {args.prompt_len}, "
         f"{args.new_tokens} new tokens, threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}")
-  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}, host threads {args.host_threads or 'auto'}; "
+  from rlhf_jax.sampling import default_kernel_layout
+  print(f"# cpu flags: {cpu_flags()}; sampler draw {args.draw}, host threads {args.host_threads or 'auto'}, "
+        f"decode kernel layout {args.kernel_layout or default_kernel_layout()}; "
         f"scan_unroll {args.scan_unroll}, microbatch "
         f"{args.microbatch} (-1 = auto, as the run configs)")
   print(f"# load average at start: {_common.load_average()}")

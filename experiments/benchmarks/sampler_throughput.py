@@ -46,6 +46,8 @@ def parse_args():
   ap.add_argument("--draw", default="gumbel", help="Sampler draw: gumbel (default) or inverse_cdf")
   ap.add_argument("--host-threads", type=int, default=0,
                   help="Sampler host_threads (0 = auto: the prompts split over the usable cores; 1 = one call)")
+  ap.add_argument("--kernel-layout", default="", choices=("", "in_out", "out_in"),
+                  help="the Sampler decode's kernel_layout ('' = auto: out_in on an AVX2-only CPU, in_out elsewhere)")
   ap.add_argument("--no-torch", action="store_true", help="skip the Hugging Face peer")
   return ap.parse_args()
 
@@ -59,7 +61,8 @@ def bench_ours(cfg, prompt, temperature, args):
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, temperature=temperature)
   # eos_id outside the vocabulary: every row generates all new tokens, as on the HF side.
   sampler = sampling.Sampler(cfg, sp, eos_id=-1, pad_id=0, decode_segments=args.decode_segments or None,
-                             draw=args.draw, host_threads=args.host_threads or None)
+                             draw=args.draw, host_threads=args.host_threads or None,
+                             kernel_layout=args.kernel_layout or None)
   tokens = jnp.asarray(prompt, jnp.int32)
   mask = jnp.ones_like(tokens)
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
@@ -126,13 +129,15 @@ def main():
   torch, why = (None, "--no-torch") if args.no_torch else _common.try_import_torch(args.threads)
   import jax
   from experiments.benchmarks import roofline
+  from rlhf_jax.sampling import default_kernel_layout
   print(f"# sampler throughput: batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
         f"threads {args.threads} (cpu_count {os.cpu_count()}), jax {jax.__version__}"
         + (f", torch {torch.__version__}" if torch else f", HF peer skipped: {why}"))
   print(f"# cpu flags: {roofline.cpu_flags()}; our dtype {args.dtype}, draw {args.draw}, sampler host threads "
-        f"{args.host_threads or 'auto'} (usable cores {len(os.sched_getaffinity(0))})")
+        f"{args.host_threads or 'auto'} (usable cores {len(os.sched_getaffinity(0))}), decode kernel layout "
+        f"{args.kernel_layout or default_kernel_layout()}")
   print(f"# load average at start: {_common.load_average()}")
-  rows, roof_rows = [], []
+  rows, roof_rows, decode_step_ms = [], [], {}
   for preset in args.presets.split(","):
     cfg = models.get_model_config(preset, dtype=args.dtype)
     rng = np.random.default_rng(0)
@@ -160,6 +165,7 @@ def main():
           "DRAM read bandwidth": roofline.read_bandwidth(2 ** 28)})
       roof_rows.append(roofline.roofline_row(f"{preset} {mode}", "rollout decode", costs["rollout decode"],
                                              max(ours_s - prefill_s, 1e-9), peak=peak, bandwidth=bw))
+      decode_step_ms.setdefault(preset, {})[mode] = (ours_s - prefill_s) / (args.new_tokens - 1) * 1e3
       print(f"#   {preset} {mode}: ours {ours_s * 1e3:.0f} ms (prefill {prefill_s * 1e3:.1f} ms)"
             + (f", HF {hf_s * 1e3:.0f} ms" if hf_s else "")
             + (f", HF bf16 {med['hf bf16'] * 1e3:.0f} ms" if "hf bf16" in med else ""), file=sys.stderr, flush=True)
@@ -167,6 +173,13 @@ def main():
       ["model", "mode", "ours tok/s", "ours ms", "ours compile s", "HF generate tok/s", "HF ms", "speed-up"]
       + (["HF bf16 ms", "speed-up vs HF bf16"] if args.dtype == "bfloat16" and torch is not None else []), rows))
   print(_common.markdown_table(roofline.ROOFLINE_HEADER, roof_rows))
+  for preset, modes in decode_step_ms.items():
+    cfg = models.get_model_config(preset, dtype=args.dtype)
+    alone = {lay: roofline.decode_weight_matmuls_s(cfg, args.batch, kernel_layout=lay) * 1e3
+             for lay in ("in_out", "out_in")}
+    print(f"# {preset}: a decode step's weight matmuls alone (each layer's own weights), kernels in_out "
+          f"{alone['in_out']:.2f} ms, out_in {alone['out_in']:.2f} ms; the measured decode step (layout "
+          f"{sampler.kernel_layout}): " + ", ".join(f"{m} {v:.2f} ms" for m, v in modes.items()))
   floor = _loop_floor_ms(args)
   print(f"# decode loop floor (1 layer, width 8, vocab 16, same batch/steps): {floor:.3f} ms a step, "
         f"{floor * args.new_tokens:.1f} ms a call")

@@ -22,6 +22,11 @@ Layout conventions
   layout, see `unscan_params`): each layer's cache is then its own buffer, which
   a decode loop updates in place and the attention matmuls read directly, with
   no per-step slice or transpose copy of the cache.
+- Dense kernels are stored input axes first (`[in..., out...]`, e.g. wq
+  `[D, H, Dh]`). `Transformer(kernel_layout="out_in")` reads them with the input
+  axes last instead (torch's `[out, in]` Linear layout), as `kernels_out_in`
+  lays them out: same values, other memory order, the form XLA:CPU's small-row
+  matmuls ran fastest on an AVX2 CPU (the sampler's decode, issue 15).
 """
 
 from __future__ import annotations
@@ -45,6 +50,40 @@ def _dtype(name: str):
 
 def _param(module: nn.Module, name: str, shape, axes, init, cfg: ModelConfig):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(cfg.param_dtype))
+
+
+KERNEL_LAYOUTS = ("in_out", "out_in")
+# Dense kernels by name, with their number of input axes (the leading ones in the stored "in_out" layout).
+_KERNEL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1, "lm_head": 1}
+
+
+def _kernel(module: nn.Module, name: str, shape, axes, init, cfg: ModelConfig, layout: str):
+  """A dense kernel of logical shape `shape` = [in..., out...], stored in `layout` ("out_in": input axes last)."""
+  if layout not in KERNEL_LAYOUTS:
+    raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
+  if layout == "out_in":
+    n_in = _KERNEL_INPUT_AXES[name]
+    shape, axes = tuple(shape[n_in:]) + tuple(shape[:n_in]), tuple(axes[n_in:]) + tuple(axes[:n_in])
+  return _param(module, name, shape, axes, init, cfg)
+
+
+def kernels_out_in(params: Any) -> Any:
+  """Params with every dense kernel's input axes moved last (the `kernel_layout="out_in"` storage).
+
+  Takes unrolled params (`unscan_params`: one `layer_{i}` per layer); the embedding, norms, biases and a
+  scalar head stay as they are. Inside one `jit`, XLA folds a transpose into the dot that reads it; a
+  caller that wants the new memory order must produce it apart (`Sampler` puts an optimization barrier
+  between this and its decode loop).
+  """
+  if "layers" in params:
+    raise ValueError("kernels_out_in takes unrolled params (unscan_params), got a stacked 'layers' tree")
+
+  def move(path, w):
+    name = getattr(path[-1], "key", None)
+    n_in = _KERNEL_INPUT_AXES.get(name)
+    return w if n_in is None else jnp.moveaxis(w, tuple(range(n_in)), tuple(range(w.ndim - n_in, w.ndim)))
+
+  return jax.tree_util.tree_map_with_path(move, params)
 
 
 def positions_from_mask(mask_BxT: Array) -> Array:
@@ -183,15 +222,22 @@ def matmul(x_MxK: Array, w: Array, dtype, w_transposed: bool = False, out_dtype=
   return fn(x_MxK, w).astype(out_dtype)
 
 
-def _dense(x, kernel, dtype):
-  """x[..., in] @ kernel[in, ...] on a flattened 2-D view (faster grads on XLA:CPU)."""
+def _dense(x, kernel, dtype, layout: str = "in_out", n_in: int = 1):
+  """x[..., in] @ kernel on flattened 2-D views (faster grads on XLA:CPU); the kernel's `n_in` input axes
+  lead (`layout` "in_out") or trail ("out_in"), and the result has the kernel's output axes."""
   lead = x.shape[:-1]
-  y = matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1), dtype)
-  return y.reshape(*lead, *kernel.shape[1:])
+  if layout == "out_in":
+    out_shape = kernel.shape[:kernel.ndim - n_in]
+    y = matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(-1, x.shape[-1]), dtype, w_transposed=True)
+  else:
+    out_shape = kernel.shape[n_in:]
+    y = matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(x.shape[-1], -1), dtype)
+  return y.reshape(*lead, *out_shape)
 
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  kernel_layout: str = "in_out"
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, attn_bias_BxTxS, cache, cache_index, q_from=0):
@@ -200,13 +246,14 @@ class Attention(nn.Module):
     dt = _dtype(cfg.dtype)
     h, kvh, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     init = nn.initializers.normal(stddev=cfg.dim ** -0.5)
-    wq = _param(self, "wq", (cfg.dim, h, hd), ("embed", "heads", "kv"), init, cfg)
-    wk = _param(self, "wk", (cfg.dim, kvh, hd), ("embed", "heads", "kv"), init, cfg)
-    wv = _param(self, "wv", (cfg.dim, kvh, hd), ("embed", "heads", "kv"), init, cfg)
-    wo = _param(self, "wo", (h, hd, cfg.dim), ("heads", "kv", "embed"),
-                nn.initializers.normal(stddev=(h * hd) ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg)
+    lay = self.kernel_layout
+    wq = _kernel(self, "wq", (cfg.dim, h, hd), ("embed", "heads", "kv"), init, cfg, lay)
+    wk = _kernel(self, "wk", (cfg.dim, kvh, hd), ("embed", "heads", "kv"), init, cfg, lay)
+    wv = _kernel(self, "wv", (cfg.dim, kvh, hd), ("embed", "heads", "kv"), init, cfg, lay)
+    wo = _kernel(self, "wo", (h, hd, cfg.dim), ("heads", "kv", "embed"),
+                 nn.initializers.normal(stddev=(h * hd) ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg, lay)
 
-    q, k, v = _dense(x_BxTxD[:, q_from:], wq, dt), _dense(x_BxTxD, wk, dt), _dense(x_BxTxD, wv, dt)
+    q, k, v = _dense(x_BxTxD[:, q_from:], wq, dt, lay), _dense(x_BxTxD, wk, dt, lay), _dense(x_BxTxD, wv, dt, lay)
     if cfg.qkv_bias:  # Qwen2
       q = q + _param(self, "bq", (h, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
       k = k + _param(self, "bk", (kvh, hd), ("heads", "kv"), nn.initializers.zeros, cfg).astype(dt)
@@ -236,28 +283,31 @@ class Attention(nn.Module):
     scores = scores * (hd ** -0.5) + attn_bias_BxTxS[:, None, None, q_from:, :]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, v).transpose(0, 3, 1, 2, 4).reshape(b * t, h * hd)
-    y = matmul(out, wo.reshape(h * hd, cfg.dim), dt).reshape(b, t, cfg.dim)
+    y = _dense(out, wo, dt, lay, n_in=2).reshape(b, t, cfg.dim)
     return y, cache
 
 
 class MLP(nn.Module):
   cfg: ModelConfig
+  kernel_layout: str = "in_out"
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     dt = _dtype(cfg.dtype)
+    lay = self.kernel_layout
     init = nn.initializers.normal(stddev=cfg.dim ** -0.5)
-    w_gate = _param(self, "w_gate", (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), init, cfg)
-    w_up = _param(self, "w_up", (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), init, cfg)
-    w_down = _param(self, "w_down", (cfg.mlp_dim, cfg.dim), ("mlp", "embed"),
-                    nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg)
-    hidden = nn.silu(_dense(x, w_gate, dt)) * _dense(x, w_up, dt)
-    return _dense(hidden, w_down, dt)
+    w_gate = _kernel(self, "w_gate", (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), init, cfg, lay)
+    w_up = _kernel(self, "w_up", (cfg.dim, cfg.mlp_dim), ("embed", "mlp"), init, cfg, lay)
+    w_down = _kernel(self, "w_down", (cfg.mlp_dim, cfg.dim), ("mlp", "embed"),
+                     nn.initializers.normal(stddev=cfg.mlp_dim ** -0.5 / (2 * cfg.n_layers) ** 0.5), cfg, lay)
+    hidden = nn.silu(_dense(x, w_gate, dt, lay)) * _dense(x, w_up, dt, lay)
+    return _dense(hidden, w_down, dt, lay)
 
 
 class Block(nn.Module):
   cfg: ModelConfig
+  kernel_layout: str = "in_out"
 
   @nn.compact
   def __call__(self, x, cache, positions, attn_bias, cache_index, q_from=0):
@@ -265,10 +315,10 @@ class Block(nn.Module):
 
     `q_from` (static): return positions [q_from, T) only; the others still give their keys and values.
     """
-    y, cache = Attention(self.cfg, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x), positions,
-                                                attn_bias, cache, cache_index, q_from)
+    y, cache = Attention(self.cfg, self.kernel_layout, name="attn")(RMSNorm(self.cfg, name="attn_norm")(x),
+                                                                    positions, attn_bias, cache, cache_index, q_from)
     x = x[:, q_from:] + y
-    x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+    x = x + MLP(self.cfg, self.kernel_layout, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     return x, cache
 
 
@@ -320,10 +370,13 @@ class Transformer(nn.Module):
   a completion is scored), which for a large vocabulary is much of a forward, and
   on straight-line layers so does the last layer's query side (q, attention, o,
   MLP; every position still gives it keys and values).
+  `kernel_layout="out_in"` reads the dense kernels with their input axes last
+  (params through `kernels_out_in`; unrolled layers only).
   """
 
   cfg: ModelConfig
   head: str = "lm"
+  kernel_layout: str = "in_out"
 
   @nn.compact
   def __call__(self, tokens_BxT, mask_BxT=None, *, positions_BxT=None, cache=None, cache_index=0,
@@ -341,6 +394,11 @@ class Transformer(nn.Module):
       raise ValueError("a KV cache needs the unrolled model (ModelConfig.scan_layers=False, params through "
                        f"unscan_params) and one cache entry per layer ({cfg.n_layers}), got scan_layers="
                        f"{cfg.scan_layers} and {len(cache)} entries")
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}")
+    if self.kernel_layout != "in_out" and cfg.scan_layers:
+      raise ValueError(f"kernel_layout={self.kernel_layout!r} needs the unrolled model (ModelConfig.scan_layers="
+                       "False, params through kernels_out_in(unscan_params(cfg, params)))")
     dt = _dtype(cfg.dtype)
 
     embed = _param(self, "embedding", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
@@ -378,8 +436,9 @@ class Transformer(nn.Module):
     else:
       caches = []
       for i in range(cfg.n_layers):
-        x, c = Block(cfg, name=f"layer_{i}")(x, None if cache is None else cache[i], positions_BxT, bias, cache_index,
-                                             out_from if i == cfg.n_layers - 1 else 0)
+        x, c = Block(cfg, self.kernel_layout, name=f"layer_{i}")(
+            x, None if cache is None else cache[i], positions_BxT, bias, cache_index,
+            out_from if i == cfg.n_layers - 1 else 0)
         caches.append(c)
       new_cache = None if cache is None else tuple(caches)
 
@@ -395,9 +454,10 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits = matmul(h.reshape(-1, cfg.dim), embed, dt, w_transposed=True, out_dtype=jnp.float32)
     else:
-      w = _param(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
-                 nn.initializers.normal(stddev=cfg.dim ** -0.5), cfg)
-      logits = matmul(h.reshape(-1, cfg.dim), w, dt, out_dtype=jnp.float32)
+      w = _kernel(self, "lm_head", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
+                  nn.initializers.normal(stddev=cfg.dim ** -0.5), cfg, self.kernel_layout)
+      logits = matmul(h.reshape(-1, cfg.dim), w, dt, w_transposed=self.kernel_layout == "out_in",
+                      out_dtype=jnp.float32)
     return logits.reshape(*h.shape[:2], cfg.vocab_size), new_cache
 
 

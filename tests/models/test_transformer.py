@@ -235,3 +235,52 @@ def test_kv_cache_needs_the_unrolled_model(tiny):
   with pytest.raises(ValueError, match="scan_layers"):
     models.Transformer(cfg).apply({"params": params}, jnp.ones((1, 2), jnp.int32), cache=models.init_cache(cfg, 1, 4),
                                   kv_mask_BxS=jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("over", [{}, dict(qkv_bias=True, qk_norm=True, tie_embeddings=False)])
+def test_out_in_kernels_give_the_same_model(over):
+  """`kernels_out_in` params read with `kernel_layout="out_in"`: every kernel's input axes moved last, the
+  same logits (with and without a cache, untied head included), and the init shapes of that layout."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from rlhf_jax.models.transformer import kernels_out_in  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(get_model_config("tiny", **over), scan_layers=False)
+  params = models.init_params(cfg, jax.random.PRNGKey(0))
+  moved = kernels_out_in(params)
+  d, h, kvh, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_dim
+  attn, mlp = moved["layer_0"]["attn"], moved["layer_0"]["mlp"]
+  assert attn["wq"].shape == (h, hd, d) and attn["wk"].shape == (kvh, hd, d) and attn["wo"].shape == (d, h, hd)
+  assert mlp["w_gate"].shape == (f, d) and mlp["w_down"].shape == (d, f)
+  np.testing.assert_array_equal(attn["wo"], np.moveaxis(params["layer_0"]["attn"]["wo"], (0, 1), (1, 2)))
+  np.testing.assert_array_equal(moved["embedding"], params["embedding"])
+  if not cfg.tie_embeddings:
+    assert moved["lm_head"].shape == (cfg.vocab_size, d)
+    np.testing.assert_array_equal(attn["bq"], params["layer_0"]["attn"]["bq"])
+  out_in = models.Transformer(cfg, kernel_layout="out_in")
+  init_shapes = jax.tree.map(jnp.shape, nn_unbox(out_in.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))))
+  assert init_shapes == jax.tree.map(jnp.shape, {"params": moved})
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 0, cfg.vocab_size)
+  mask = jnp.ones_like(tokens).at[1, :4].set(0)
+  ref, _ = models.Transformer(cfg).apply({"params": params}, tokens, mask)
+  got, _ = out_in.apply({"params": moved}, tokens, mask)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+  cache = models.init_cache(cfg, 3, 12)
+  ref_c, _ = models.Transformer(cfg).apply({"params": params}, tokens, mask, cache=cache, kv_mask_BxS=mask)
+  got_c, _ = out_in.apply({"params": moved}, tokens, mask, cache=cache, kv_mask_BxS=mask)
+  np.testing.assert_allclose(got_c, ref_c, rtol=1e-5, atol=1e-5)
+
+
+def test_out_in_kernels_need_unrolled_layers(tiny):
+  from rlhf_jax.models.transformer import kernels_out_in  # pylint: disable=import-outside-toplevel
+  cfg, params, _ = tiny
+  assert cfg.scan_layers
+  with pytest.raises(ValueError, match="unrolled"):
+    kernels_out_in(params)
+  with pytest.raises(ValueError, match="scan_layers"):
+    models.Transformer(cfg, kernel_layout="out_in").apply({"params": params}, jnp.ones((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="kernel_layout must be one of"):
+    models.Transformer(cfg, kernel_layout="nk").apply({"params": params}, jnp.ones((1, 2), jnp.int32))
+
+
+def nn_unbox(tree):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  return nn.meta.unbox(tree)
