@@ -327,7 +327,7 @@ class Sampler:
         fed = jax.lax.dynamic_slice_in_dim(st.tokens, slot, 1, axis=1)
         fed_mask = jax.lax.dynamic_slice_in_dim(st.mask, slot, 1, axis=1)
         logits, cache = self.decode_model.apply(layer_params, fed, fed_mask, positions_BxT=st.positions[:, None],
-                                         cache=st.cache, cache_index=slot, kv_mask_BxS=st.mask[:, :length])
+                                                cache=st.cache, cache_index=slot, kv_mask_BxS=st.mask[:, :length])
         if sp.temperature == 0.0:
           rng, sub = st.rng, None                        # greedy draws nothing
         else:
