@@ -1,5 +1,6 @@
 """The decoder-only Transformer: shapes, presets, causality, padding, heads."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,7 +257,8 @@ def test_out_in_kernels_give_the_same_model(over):
     assert moved["lm_head"].shape == (cfg.vocab_size, d)
     np.testing.assert_array_equal(attn["bq"], params["layer_0"]["attn"]["bq"])
   out_in = models.Transformer(cfg, kernel_layout="out_in")
-  init_shapes = jax.tree.map(jnp.shape, nn_unbox(out_in.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))))
+  init = nn.meta.unbox(out_in.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))
+  init_shapes = jax.tree.map(jnp.shape, init)
   assert init_shapes == jax.tree.map(jnp.shape, {"params": moved})
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 12), 0, cfg.vocab_size)
   mask = jnp.ones_like(tokens).at[1, :4].set(0)
@@ -279,8 +281,3 @@ def test_out_in_kernels_need_unrolled_layers(tiny):
     models.Transformer(cfg, kernel_layout="out_in").apply({"params": params}, jnp.ones((1, 2), jnp.int32))
   with pytest.raises(ValueError, match="kernel_layout must be one of"):
     models.Transformer(cfg, kernel_layout="nk").apply({"params": params}, jnp.ones((1, 2), jnp.int32))
-
-
-def nn_unbox(tree):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  return nn.meta.unbox(tree)
