@@ -148,8 +148,12 @@ def run_rl(config, workdir: str, *, stage: str) -> dict[str, Any]:
     scalar_apply = models.make_apply_fn(cfg, head="scalar")
   if common.lora_rank(config):
     sft_params = None  # the reference is the actor's frozen base (`common.reference_of`): no second copy
-  state = PPOState(actor=actor, critic=critic, kl=losses.init_kl_controller(ac.kl_coef))
-  state_sh = PPOState(actor=actor_sh, critic=critic_sh, kl=jax.tree.map(lambda _: rep, state.kl))
+  # Born replicated on the mesh, as the step returns it: an uncommitted scalar here would give the step's
+  # second call another input type and a second compilation of the whole update.
+  kl_sh = jax.tree.map(lambda _: rep, jax.eval_shape(losses.init_kl_controller, ac.kl_coef))
+  kl = jax.jit(lambda: losses.init_kl_controller(ac.kl_coef), out_shardings=kl_sh)()
+  state = PPOState(actor=actor, critic=critic, kl=kl)
+  state_sh = PPOState(actor=actor_sh, critic=critic_sh, kl=kl_sh)
 
   ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=config.checkpoint.max_to_keep,
                       save_interval_steps=pc.checkpoint_every, async_save=config.checkpoint.async_save)

@@ -139,13 +139,31 @@ class _Crash(Exception):
   pass
 
 
+def _count_step_traces(monkeypatch) -> list:
+  """Every trace of the RL update made after this call (one per compilation: a retrace is a new program)."""
+  traces, make = [], ppo.make_ppo_step
+
+  def counting(*args, **kwargs):
+    step = make(*args, **kwargs)
+
+    def traced(state, batch):
+      traces.append(1)
+      return step(state, batch)
+    return traced
+
+  monkeypatch.setattr(ppo, "make_ppo_step", counting)
+  return traces
+
+
 def test_grpo_learns_resumes_bitwise_and_writes_its_summary(tmp_path, monkeypatch):
   """An RL run killed after iteration 2 and rerun with the same command equals the uninterrupted run."""
   config = grpo_config()
   straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
   sft.run_sft(config, straight)
   shutil.copytree(os.path.join(straight, "sft"), os.path.join(crashed, "sft"))
+  traces = _count_step_traces(monkeypatch)
   summary = grpo.run_grpo(config, straight)
+  assert len(traces) == 1, f"the update was traced {len(traces)} times in {config.ppo.iterations} iterations"
   assert summary["advantage"] == "grpo" and summary["reward_source"] == "task"
   for key in ("initial_success_rate", "final_success_rate", "initial_greedy", "final_greedy"):
     assert 0.0 <= summary[key] <= 1.0, key
@@ -164,7 +182,9 @@ def test_grpo_learns_resumes_bitwise_and_writes_its_summary(tmp_path, monkeypatc
     grpo.run_grpo(config, crashed)
   monkeypatch.setattr(rollout, "grade", real_grade)
   assert not common.has_params(ppo.final_params_dir(crashed, "grpo"))
+  traces.clear()
   grpo.run_grpo(config, crashed)
+  assert len(traces) == 1  # the restored state has the types of the state the step returns
 
   cfg = common.model_config(config)
   mesh = common.make_mesh(config)
