@@ -9,10 +9,11 @@ mid-save leaves the previous checkpoints intact and the partial one invisible.
 
 Integrity. `save` refuses a state with NaN/Inf in a floating leaf (nothing is
 written) and records a checksum of every leaf in `meta` (two 32-bit lanes of a
-position-keyed hash of the leaf's bits, computed on the device from the very
-arrays being saved, so it costs no extra host copy and does not depend on the
-sharding). `restore` recomputes it on the restored arrays: a checkpoint whose
-bytes changed on disk, or that cannot be read, is *unusable*. Without an
+position-keyed hash of the leaf's bits that does not depend on the sharding,
+computed from the very arrays being saved: large leaves on their devices, with no
+host copy; small ones on the host, where compiling a program would cost more).
+`restore` recomputes it on the restored arrays: a checkpoint whose bytes changed
+on disk, or that cannot be read, is *unusable*. Without an
 explicit `step`, `restore` then falls back to the newest usable checkpoint
 with a one-line warning and moves the unusable newer ones aside
 (`<step>.corrupt`); when none is usable it raises `CheckpointError` with one
@@ -190,31 +191,54 @@ def _device_checksum(x: jax.Array) -> jax.Array:
   return jnp.stack(lanes)
 
 
+# A leaf that this process holds whole and that is at most this big is fingerprinted on the host, after one
+# device-to-host copy of all such leaves: compiling a device program costs ~0.1-0.2 s per distinct leaf shape and
+# sharding on the CPU backend, far more than hashing a small leaf in numpy (~2 ms per MiB); a small model's state is
+# all such leaves. Larger leaves, and leaves spread over several processes, are fingerprinted where they live.
+_HOST_FINGERPRINT_MAX_BYTES = 1 << 20
+
+
 @jax.jit
-def _device_fingerprint(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """Per-leaf all-finite flags [n] and checksums [n, 2] (uint32), in one program."""
-  finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
-            for x in leaves]
-  sums = [_device_checksum(x) for x in leaves]
-  if not leaves:
-    return jnp.zeros((0,), bool), jnp.zeros((0, 2), jnp.uint32)
-  return jnp.stack(finite), jnp.stack(sums)
+def _device_leaf_fingerprint(x: jax.Array) -> jax.Array:
+  """uint32[3]: 1 when every element is finite (0 otherwise), then the two checksum lanes.
+
+  One program per (shape, dtype, sharding), shared by every tree holding such a leaf (a model's
+  parameters, its optimizer moments, the next stage's copy).
+  """
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.array(True)
+  return jnp.concatenate([finite.astype(jnp.uint32)[None], _device_checksum(x)])
 
 
-def _to_numpy(x: jax.Array) -> np.ndarray:
-  # Outputs of the fingerprint program are replicated: any addressable copy is the value
-  # (also on a multi-host run, where np.asarray of a global array would fail).
-  return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+def _on_host(x: Any, max_bytes: int) -> bool:
+  """Whether leaf `x` is fingerprinted on the host (see `_HOST_FINGERPRINT_MAX_BYTES`)."""
+  if not isinstance(x, jax.Array):
+    return True  # numpy arrays and scalars are there already
+  return (x.is_fully_addressable and x.nbytes <= max_bytes
+          and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key))
 
 
-def _fingerprint(tree: Any) -> tuple[dict[str, bool], dict[str, str]]:
-  """`({leaf: all finite}, {leaf: checksum hex})` of a pytree of arrays, computed on its devices."""
+def _fingerprint(tree: Any, *, host_max_bytes: int = _HOST_FINGERPRINT_MAX_BYTES
+                 ) -> tuple[dict[str, bool], dict[str, str]]:
+  """`({leaf: all finite}, {leaf: checksum hex})` of a pytree of arrays.
+
+  Large leaves are hashed on their devices (no host copy; the same value whatever the sharding),
+  small ones on the host after one transfer for all of them; both give the same checksum.
+  """
   table = _leaf_table(tree)
-  names = list(table)
-  finite, sums = _device_fingerprint([jnp.asarray(v) for v in table.values()])
-  finite, sums = _to_numpy(finite), _to_numpy(sums)
-  return ({n: bool(f) for n, f in zip(names, finite)},
-          {n: f"{int(a):08x}{int(b):08x}" for n, (a, b) in zip(names, sums)})
+  device = {n: _device_leaf_fingerprint(v) for n, v in table.items() if not _on_host(v, host_max_bytes)}
+  host_names = [n for n in table if n not in device]
+  host_values = jax.device_get([table[n] for n in host_names])  # one transfer; the device programs run meanwhile
+  finite, sums = {}, {}
+  for n, x in zip(host_names, host_values):
+    x = np.asarray(x)
+    x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)  # a Python int is int32, as on a device
+    finite[n] = bool(np.all(np.isfinite(x))) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    sums[n] = _host_checksum(x)
+  # The outputs are replicated: any addressable copy is the value (also on a multi-host run).
+  for n, out in zip(device, jax.device_get([out.addressable_data(0) for out in device.values()])):
+    f, a, b = (int(v) for v in out)
+    finite[n], sums[n] = bool(f), f"{a:08x}{b:08x}"
+  return {n: finite[n] for n in table}, {n: sums[n] for n in table}
 
 
 def _host_checksum(x: np.ndarray) -> str:
@@ -233,8 +257,8 @@ def _host_checksum(x: np.ndarray) -> str:
 
 
 def all_finite(tree: Any) -> bool:
-  """True when no floating leaf of `tree` holds NaN or Inf: the check `Checkpointer.save` makes (one jitted
-  program over the tree, one small device-to-host transfer)."""
+  """True when no floating leaf of `tree` holds NaN or Inf: the check `Checkpointer.save` makes (large leaves
+  on their devices, small ones after one device-to-host transfer)."""
   finite, _ = _fingerprint(tree)
   return all(finite.values())
 

@@ -305,8 +305,13 @@ def test_device_and_host_checksums_agree_and_see_one_element(dtype):
   x = (x > 0) if dtype == "bool" else x.astype(dtype)
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
   sharded = jax.device_put(x, NamedSharding(mesh, P("a", "b")))
-  _, on_device = checkpointing._fingerprint({"x": x, "s": sharded})
-  assert on_device["x"] == on_device["s"] == checkpointing._host_checksum(np.asarray(x))
+  finite, on_device = checkpointing._fingerprint({"x": x, "s": sharded}, host_max_bytes=-1)  # every leaf on device
+  host_finite, on_host = checkpointing._fingerprint({"x": x, "s": sharded})  # small: every leaf on the host
+  assert on_device["x"] == on_device["s"] == checkpointing._host_checksum(np.asarray(x)) == on_host["x"] == on_host["s"]
+  assert finite == host_finite == {"x": True, "s": True}
+  scalars = {"i": 3, "f": 0.5, "n": np.int64(7)}  # host leaves: the dtypes a device would give them (int32, float32)
+  assert checkpointing._fingerprint(scalars) == checkpointing._fingerprint(
+      {k: jnp.asarray(v) for k, v in scalars.items()}, host_max_bytes=-1)
   y = np.asarray(x).copy()
   y[3, 5, 1] = ~y[3, 5, 1] if dtype == "bool" else y[3, 5, 1] + 1
   assert checkpointing._host_checksum(y) != on_device["x"]
@@ -326,6 +331,7 @@ def test_save_refuses_a_non_finite_state_and_writes_nothing(tmp_path):
     assert ckpt.all_steps() == [1]
   assert sorted(os.listdir(tmp_path / "c")) == ["1"]
   assert checkpointing.all_finite(state) and not checkpointing.all_finite(bad)
+  assert not checkpointing._fingerprint(bad, host_max_bytes=-1)[0]["params.norm.scale"]  # the device path sees it too
 
 
 def test_corrupt_newest_checkpoint_falls_back_with_one_warning(tmp_path, caplog):
