@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -20,13 +21,21 @@ def _boxed_init(cfg: ModelConfig, head: str, rng):
   return Transformer(cfg, head=head).init(rng, *_dummy_inputs())["params"]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "head"))
+def _init_params(cfg: ModelConfig, rng, head: str):
+  return nn.unbox(_boxed_init(cfg, head, rng))
+
+
 def init_params(cfg: ModelConfig, rng, *, head: str = "lm"):
   """Initialised parameters as a plain pytree (no logical-axis boxes).
 
-  Callers that shard create them with `rlhf_jax.sharding.init_sharded` instead,
-  which jits this function with out_shardings.
+  One compiled program per (cfg, head): Flax's init runs the model's forward to
+  create the parameters, which op by op compiled dozens of small programs
+  (tiny preset: 4.7 s against 1.9 s jitted). Callers that shard create them
+  with `rlhf_jax.sharding.init_sharded` instead, which jits this function with
+  out_shardings.
   """
-  return nn.unbox(_boxed_init(cfg, head, rng))
+  return _init_params(cfg, rng, head=head)
 
 
 def abstract_params(cfg: ModelConfig, *, head: str = "lm"):
