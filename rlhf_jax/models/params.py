@@ -54,11 +54,16 @@ def count_params(params) -> int:
 
 
 def lm_to_scalar_params(lm_params, cfg: ModelConfig, rng):
-  """Backbone of a language model with a fresh (zero) scalar head: RM/critic init from SFT."""
-  fresh = init_params(cfg, rng, head="scalar")
+  """Backbone of a language model with a fresh scalar head: RM/critic init from SFT.
+
+  The head is what `init_params(cfg, rng, head="scalar")` creates, zeros (so `rng` changes nothing), made
+  directly: initialising a whole scalar model to keep its head compiled one more init program per config.
+  """
+  del rng  # the scalar head is zero-initialised
+  shapes = abstract_params(cfg, head="scalar")
   out = {k: v for k, v in lm_params.items() if k != "lm_head"}
-  out["score_head"] = fresh["score_head"]
-  out["score_bias"] = fresh["score_bias"]
+  for name in ("score_head", "score_bias"):
+    out[name] = jnp.zeros(shapes[name].shape, shapes[name].dtype)
   return out
 
 

@@ -148,6 +148,10 @@ def test_scalar_head_from_lm_backbone(tiny):
   values, _ = models.make_apply_fn(cfg, head="scalar")(vparams, jnp.ones((3, 7), jnp.int32))
   assert values.shape == (3, 7) and values.dtype == jnp.float32
   np.testing.assert_allclose(values, 0.0)  # zero-initialised head: the RM starts at log 2 loss
+  fresh = models.init_params(cfg, jax.random.PRNGKey(4), head="scalar")  # the head a scalar model is born with
+  for name in ("score_head", "score_bias"):
+    assert vparams[name].dtype == fresh[name].dtype
+    np.testing.assert_array_equal(vparams[name], fresh[name])
   # The backbone is shared: same hidden states as the LM.
   h_lm, _ = models.make_apply_fn(cfg)(params, jnp.ones((3, 7), jnp.int32), return_hidden=True)
   h_v, _ = models.make_apply_fn(cfg, head="scalar")(vparams, jnp.ones((3, 7), jnp.int32), return_hidden=True)
