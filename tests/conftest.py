@@ -1,5 +1,5 @@
-"""Test-wide setup: 8 simulated CPU devices, so mesh tests run anywhere, and one
-compilation cache for the whole run.
+"""Test-wide setup: 8 simulated CPU devices, so mesh tests run anywhere, a cheaper LLVM
+optimisation level, and one compilation cache for the whole run.
 
 XLA reads the flags once, when jax initialises, so they are set here before any
 test module imports jax.
@@ -25,7 +25,9 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from xla_flags import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))  # see tests/xla_flags.py
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache_dir = tempfile.mkdtemp(prefix="rlhf_jax_tests_xla_cache_")

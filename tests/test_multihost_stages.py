@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import get_base_config
+from xla_flags import xla_flags
 
 # Three processes compiling SFT and GRPO at once: 3-4 min on the shared 2-core machine.
 pytestmark = pytest.mark.slow
@@ -90,7 +91,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   env = dict(os.environ, PYTHONPATH=REPO_DIR, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES"):
     env.pop(k, None)
   return env

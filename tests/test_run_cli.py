@@ -15,6 +15,7 @@ import time
 import pytest
 
 from experiments import run as run_lib
+from xla_flags import xla_flags
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -252,7 +253,7 @@ def _free_port():
 
 def test_two_process_distributed_run(env, tmp_path):
   """The multi-host path: 2 CPU processes × 2 devices, gloo collectives."""
-  env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(env, XLA_FLAGS=xla_flags(2),
              JAX_PLATFORMS="cpu")
   workdir = tmp_path / "dist"
   addr = f"127.0.0.1:{_free_port()}"

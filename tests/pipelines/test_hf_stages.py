@@ -30,6 +30,7 @@ from rlhf_jax import sharding as shd  # noqa: E402
 from rlhf_jax.config import ConfigError, validate_config  # noqa: E402
 from rlhf_jax.pipelines import common  # noqa: E402
 from rlhf_jax.tokenizer import encode_prompts  # noqa: E402
+from xla_flags import xla_flags  # noqa: E402
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 320
@@ -111,7 +112,7 @@ def runs(checkpoints, tmp_path_factory):
   """Two CLI runs of sft + grpo, started together: Llama, full fine-tuning, GRPO on an external reward model
   (rm.hf_path); Qwen2 with LoRA and prompts in its chat template."""
   env = dict(os.environ, PYTHONPATH=REPO_DIR)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  env["XLA_FLAGS"] = xla_flags()  # one CPU device, as a user runs it
   settings = {
       "full": (checkpoints["llama"], ["--config.task.max_prompt_len=16", f"--config.rm.hf_path={checkpoints['reward']}",
                                       "--config.ppo.reward_source=rm"]),

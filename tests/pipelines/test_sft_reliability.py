@@ -24,6 +24,7 @@ from rlhf_jax.utils import Progress, read_metrics
 from rlhf_jax.utils.divergence import TrainingDiverged
 from rlhf_jax.utils.metrics import truncate_metrics
 from rlhf_jax.utils.preemption import PREEMPTED_EXIT_CODE, Preempted
+from xla_flags import xla_flags
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 12
@@ -218,7 +219,7 @@ def _cli(workdir, data_dir, steps):
   over = dict(OVERRIDES, **{"sft.steps": steps, "checkpoint.every_steps": 1000, "logging.every_steps": 1,
                             "sft.eval_every": 1000, "task.data_dir": data_dir})
   args += [f"--config.{k}={v}" for k, v in over.items()]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   return args, env
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+from xla_flags import xla_flags
+
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 USER_TASK = textwrap.dedent('''
@@ -30,7 +32,7 @@ USER_TASK = textwrap.dedent('''
 def test_user_task_trains_with_grpo_from_the_command_line(tmp_path):
   (tmp_path / "my_user_tasks.py").write_text(USER_TASK)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_DIR, str(tmp_path)]))
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  env["XLA_FLAGS"] = xla_flags()  # one CPU device, as a user runs it
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "experiments.run", "--config=grpo.py", f"--workdir={workdir}",
          "--config.task.name=my_user_tasks:make_task", "--config.task.max_prompt_len=16",

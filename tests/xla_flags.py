@@ -1,0 +1,19 @@
+"""XLA flags of the test processes: conftest's for the suite, and the command-line tests' subprocesses.
+
+LLVM's optimisation level 1 without its expensive passes: XLA's own HLO passes, fusion decisions and
+matmul library calls are unchanged, only the machine code of the fused loops gets less LLVM optimisation.
+Compiling is most of this suite's time, and these compile ~20% faster (a subset of the suite: 106 and
+95 s against 127–134 s; experiments/RESULTS.md, 3 Dec 2026). Level 0 compiled faster still but ran the
+code 2x slower and moved a sampler log-prob by 1e-4, so it is not used. Set XLA_FLAGS yourself to test
+with XLA's defaults.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+COMPILE = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: Optional[int] = None) -> str:
+  """XLA_FLAGS for a test process: the compile flags, and `devices` simulated CPU devices when given."""
+  return COMPILE if devices is None else f"--xla_force_host_platform_device_count={devices} {COMPILE}"
