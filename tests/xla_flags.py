@@ -2,10 +2,11 @@
 
 LLVM's optimisation level 1 without its expensive passes: XLA's own HLO passes, fusion decisions and
 matmul library calls are unchanged, only the machine code of the fused loops gets less LLVM optimisation.
-Compiling is most of this suite's time, and these compile ~20% faster (a subset of the suite: 106 and
-95 s against 127–134 s; experiments/RESULTS.md, 3 Dec 2026). Level 0 compiled faster still but ran the
-code 2x slower and moved a sampler log-prob by 1e-4, so it is not used. Set XLA_FLAGS yourself to test
-with XLA's defaults.
+Compiling is most of this suite's time, and with these flags a subset of the suite ran in 95 s (106 s with
+level 1 alone) against 127–134 s with XLA's defaults (experiments/RESULTS.md, 3 Dec 2026). Level 0 compiled
+faster still but ran the code 2x slower and moved a sampler log-prob by 1e-4, so it is not used.
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` set by hand tests with XLA's default optimisation
+(conftest keeps an XLA_FLAGS that is already set).
 """
 from __future__ import annotations
 
