@@ -6,7 +6,8 @@ Compiling is most of this suite's time, and with these flags a subset of the sui
 level 1 alone) against 127–134 s with XLA's defaults (experiments/RESULTS.md, 3 Dec 2026). Level 0 compiled
 faster still but ran the code 2x slower and moved a sampler log-prob by 1e-4, so it is not used.
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` set by hand tests with XLA's default optimisation
-(conftest keeps an XLA_FLAGS that is already set, and so do the subprocesses).
+(conftest keeps an XLA_FLAGS that is already set; the subprocesses then get their device count without
+the compile flags).
 """
 from __future__ import annotations
 
