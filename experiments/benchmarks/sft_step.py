@@ -22,6 +22,11 @@ the float32 peak for `--dtype float32` and the bfloat16 → float32 one otherwis
 speed), and in brackets that rate over XLA's own 2048² matmul peak measured now (`jnp f32`, or
 `jnp bf16 -> f32`): at 100% or more the target asks every part of the step (attention, norms, loss,
 optimizer) to run at the best rate XLA:CPU reaches on one large matmul.
+"our step's dots alone" (`dot_bound.py`) reads every dot out of our compiled step (with the chunk loop's trip
+count) and times each distinct one on its own, with XLA (jitted `lax.dot_general`) and with `torch.matmul` on
+the same contraction: the step's matmul time at XLA's rate for these small shapes, which the 2048² peak
+overstates. When it alone exceeds torch eager's whole step / 1.2, the target needs faster kernels than
+XLA:CPU's for those shapes, whatever the rest of the step does.
 With `--dtype bfloat16` torch also runs under `torch.autocast("cpu",
 bfloat16)` (oneDNN bfloat16 kernels), the like-for-like peer.
 
@@ -60,6 +65,9 @@ def parse_args():
   ap.add_argument("--microbatch", type=int, default=-1,
                   help="rows per forward/backward chunk, as config.model.microbatch: -1 = auto, 0 = whole batch")
   ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model) (slow to build)")
+  ap.add_argument("--no-dot-bound", action="store_true",
+                  help="skip timing our step's dots one by one (dot_bound.py; adds ~10 s a preset)")
+  ap.add_argument("--per-dot", action="store_true", help="print each distinct dot's rate (XLA, torch.matmul)")
   return ap.parse_args()
 
 
@@ -110,7 +118,7 @@ def bench_ours(cfg, tokens, args):
     holder["st"], m = compiled(holder["st"], batch)
     jax.block_until_ready(m["train/loss"])
 
-  return call, compile_s
+  return call, compile_s, compiled
 
 
 def bench_torch(cfg, tokens, args, torch, *, compile_model: bool, autocast: bool = False):
@@ -168,7 +176,7 @@ def main():
     n_tok = args.batch * args.seq_len
     flops = model_flops(cfg, args.batch, args.seq_len)
     fns = {}
-    fns["ours"], compile_s = bench_ours(cfg, tokens, args)
+    fns["ours"], compile_s, compiled = bench_ours(cfg, tokens, args)
     if torch is not None:
       fns["torch eager"], _ = bench_torch(cfg, tokens, args, torch, compile_model=False)
       if "torch autocast bf16" in peers:
@@ -187,10 +195,20 @@ def main():
               if t_s else ["n/a", "n/a", "n/a"])
     print("#   " + preset + ": " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()), file=sys.stderr,
           flush=True)
+    if not args.no_dot_bound:
+      from experiments.benchmarks import dot_bound
+      bound = dot_bound.time_dots(dot_bound.compiled_dots(compiled.as_text()), torch=torch,
+                                  repeats=args.repeats)
+      print(dot_bound.summary(bound, preset + " step's dots"))
+      if args.per_dot:
+        print(dot_bound.per_dot_table(bound))
+      row.append(f"{bound['xla_s'] * 1e3:,.0f}" + (f" / {bound['torch_s'] * 1e3:,.0f}" if bound["torch_s"] else ""))
     rows.append(row)
   header = ["model", "params", "ours tok/s", "ours ms", "ours GFLOP/s", f"of {args.dtype} peak", "compile s"]
   for name in peers:
     header += [f"{name} tok/s", f"speed-up vs {name}", f"GFLOP/s at 1.2x {name} (of jnp peak)"]
+  if not args.no_dot_bound:
+    header.append("our step's dots alone ms, XLA" + (" / torch.matmul" if torch is not None else ""))
   print(_common.markdown_table(header, rows))
   print(f"# load average at end: {_common.load_average()}")
 
