@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.benchmarks.dot_bound import compiled_dots, time_dots
+from experiments.benchmarks.dot_bound import compiled_dots, program_callables, time_dots
 
 
 def test_dots_are_counted_per_run_with_loop_trip_counts():
@@ -32,5 +32,7 @@ def test_timing_reports_every_execution_and_no_dot_is_an_error():
   out = time_dots(compiled_dots(text), repeats=1, inner=1)
   assert out["count"] == 1 and out["gflop"] == pytest.approx(2 * 8 * 4 * 2 / 1e9)
   assert out["xla_s"] > 0 and out["torch_s"] is None
+  assert list(program_callables(compiled_dots(text))) == ["dots alone, XLA"]  # no torch side without torch
+  program_callables(compiled_dots(text))["dots alone, XLA"]()
   with pytest.raises(ValueError, match="no dot"):
     compiled_dots(jax.jit(lambda a: a + 1).lower(jnp.ones(3)).compile().as_text())

@@ -9,9 +9,10 @@ on the same contraction (MKL / oneDNN, the eager peer's kernels). The sums are t
 each library's per-shape rate: not a strict bound (inside a step a dot may run with a warmer or a
 busier cache than alone) but the measured cost of the kernels the step cannot avoid.
 
-    from experiments.benchmarks.dot_bound import compiled_dots, time_dots
+    from experiments.benchmarks.dot_bound import compiled_dots, program_callables, time_dots
     dots = compiled_dots(jax.jit(step).lower(state, batch).compile().as_text())
-    print(time_dots(dots, torch=torch))   # {"count", "gflop", "xla_s", "torch_s", "rows"}
+    fns = program_callables(dots, torch=torch)   # every dot `count` times: time in turns with the step
+    print(time_dots(dots, torch=torch))           # per distinct dot: {"count", "gflop", "xla_s", "torch_s", "rows"}
 """
 from __future__ import annotations
 
@@ -131,6 +132,54 @@ def _torch_operands(dot: Dot, a, b):
   return a.reshape(*a.shape[:nb], m, k), b.reshape(*b.shape[:nb], k, n)
 
 
+def _operands(dot: Dot, rng, torch):
+  """(XLA lhs, XLA rhs, torch lhs view, torch rhs view) of random values; the torch pair is None without torch."""
+  import jax
+  import numpy as np
+  dtype = {"f32": np.float32, "bf16": jax.numpy.bfloat16, "f16": np.float16}.get(dot.dtype, np.float32)
+  a_np = rng.standard_normal(dot.lhs).astype(np.float32)
+  b_np = rng.standard_normal(dot.rhs).astype(np.float32)
+  a, b = jax.numpy.asarray(a_np, dtype), jax.numpy.asarray(b_np, dtype)
+  if torch is None:
+    return a, b, None, None
+  ta, tb = _torch_operands(dot, torch.from_numpy(a_np), torch.from_numpy(b_np))
+  if dot.dtype == "bf16":
+    ta, tb = ta.bfloat16(), tb.bfloat16()
+  return a, b, ta, tb
+
+
+def program_callables(dots: list[Dot], *, torch=None, seed: int = 0) -> dict:
+  """Blocking callables that run every dot of the program `count` times, one dot after another, as a program
+  run executes them: {"dots alone, XLA": ..., "dots alone, torch.matmul": ... (with torch)}.
+
+  For timing in turns with the program itself (`_common.time_interleaved`), so that the VM's drift hits all
+  sides alike. The XLA side dispatches each dot asynchronously and blocks once at the end.
+  """
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  xla, tch = [], []
+  for dot in dots:
+    a, b, ta, tb = _operands(dot, rng, torch)
+    xla.append((jax.jit(lambda x, y, dn=dot.dimension_numbers: jax.lax.dot_general(x, y, dn)), a, b, dot.count))
+    tch.append((ta, tb, dot.count))
+
+  def run_xla():
+    out = None
+    for fn, a, b, n in xla:
+      for _ in range(n):
+        out = fn(a, b)
+    out.block_until_ready()
+
+  def run_torch():
+    with torch.no_grad():
+      for ta, tb, n in tch:
+        for _ in range(n):
+          torch.matmul(ta, tb)
+
+  return {"dots alone, XLA": run_xla, **({"dots alone, torch.matmul": run_torch} if torch is not None else {})}
+
+
 def time_dots(dots: list[Dot], *, torch=None, repeats: int = 5, inner: int = 10, seed: int = 0) -> dict:
   """Each distinct dot timed alone (median of `repeats` batches of `inner` calls), scaled by its count.
 
@@ -139,39 +188,22 @@ def time_dots(dots: list[Dot], *, torch=None, repeats: int = 5, inner: int = 10,
   """
   import jax
   import numpy as np
-
   rng = np.random.default_rng(seed)
   rows, xla_s, torch_s, flops = [], 0.0, 0.0 if torch is not None else None, 0
   for dot in sorted(dots, key=lambda d: -d.flops * d.count):
-    dtype = {"f32": np.float32, "bf16": jax.numpy.bfloat16, "f16": np.float16}.get(dot.dtype, np.float32)
-    a_np = rng.standard_normal(dot.lhs).astype(np.float32)
-    b_np = rng.standard_normal(dot.rhs).astype(np.float32)
-    a, b = jax.numpy.asarray(a_np, dtype), jax.numpy.asarray(b_np, dtype)
+    a, b, ta, tb = _operands(dot, rng, torch)
     fn = jax.jit(lambda x, y, dn=dot.dimension_numbers: jax.lax.dot_general(x, y, dn))
     t_x = _median_seconds(lambda: fn(a, b), lambda o: o.block_until_ready(), repeats, inner)
     xla_s += t_x * dot.count
     flops += dot.flops * dot.count
     t_t = None
     if torch is not None:
-      ta, tb = _torch_operands(dot, torch.from_numpy(a_np), torch.from_numpy(b_np))
-      if dot.dtype == "bf16":
-        ta, tb = ta.bfloat16(), tb.bfloat16()
       with torch.no_grad():
         t_t = _median_seconds(lambda: torch.matmul(ta, tb), lambda o: None, repeats, inner)
       torch_s += t_t * dot.count
     rows.append((dot.lhs, dot.rhs, dot.count, dot.flops / t_x / 1e9, dot.flops / t_t / 1e9 if t_t else None))
   return {"count": sum(d.count for d in dots), "gflop": flops / 1e9, "xla_s": xla_s, "torch_s": torch_s,
           "rows": rows}
-
-
-def summary(result: dict, label: str) -> str:
-  """One line: the dots' time at XLA's (and torch's) per-shape rates."""
-  line = (f"#   {label}: {result['count']} dot executions, {result['gflop']:.2f} GFLOP; each dot alone at XLA's rate "
-          f"{result['xla_s'] * 1e3:,.0f} ms ({result['gflop'] / result['xla_s']:.1f} GFLOP/s)")
-  if result["torch_s"]:
-    line += (f", with torch.matmul {result['torch_s'] * 1e3:,.0f} ms "
-             f"({result['gflop'] / result['torch_s']:.1f} GFLOP/s)")
-  return line
 
 
 def per_dot_table(result: dict) -> str:

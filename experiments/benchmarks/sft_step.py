@@ -23,10 +23,11 @@ speed), and in brackets that rate over XLA's own 2048² matmul peak measured now
 `jnp bf16 -> f32`): at 100% or more the target asks every part of the step (attention, norms, loss,
 optimizer) to run at the best rate XLA:CPU reaches on one large matmul.
 "our step's dots alone" (`dot_bound.py`) reads every dot out of our compiled step (with the chunk loop's trip
-count) and times each distinct one on its own, with XLA (jitted `lax.dot_general`) and with `torch.matmul` on
-the same contraction: the step's matmul time at XLA's rate for these small shapes, which the 2048² peak
-overstates. When it alone exceeds torch eager's whole step / 1.2, the target needs faster kernels than
-XLA:CPU's for those shapes, whatever the rest of the step does.
+count) and runs them one after another, as often as the step does, with XLA (jitted `lax.dot_general`) and with
+`torch.matmul` on the same contraction, timed in turns with the step and torch eager: the step's matmul time
+at XLA's rate for these small shapes, which the 2048² peak overstates. When it alone exceeds torch eager's
+whole step / 1.2, the target needs faster kernels than XLA:CPU's for those shapes, whatever the rest of the
+step does (`--per-dot` prints each distinct dot's rate).
 With `--dtype bfloat16` torch also runs under `torch.autocast("cpu",
 bfloat16)` (oneDNN bfloat16 kernels), the like-for-like peer.
 
@@ -66,7 +67,7 @@ def parse_args():
                   help="rows per forward/backward chunk, as config.model.microbatch: -1 = auto, 0 = whole batch")
   ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile(model) (slow to build)")
   ap.add_argument("--no-dot-bound", action="store_true",
-                  help="skip timing our step's dots one by one (dot_bound.py; adds ~10 s a preset)")
+                  help="skip timing our step's dots alone (dot_bound.py; a third and fourth side in the timed turns)")
   ap.add_argument("--per-dot", action="store_true", help="print each distinct dot's rate (XLA, torch.matmul)")
   return ap.parse_args()
 
@@ -184,6 +185,11 @@ def main():
       if args.torch_compile:
         fns["torch.compile"], tc_compile_s = bench_torch(cfg, tokens, args, torch, compile_model=True)
         print(f"#   {preset}: torch.compile first call {tc_compile_s:.1f} s", file=sys.stderr)
+    dots = None
+    if not args.no_dot_bound:
+      from experiments.benchmarks import dot_bound
+      dots = dot_bound.compiled_dots(compiled.as_text())
+      fns.update(dot_bound.program_callables(dots, torch=torch))
     med = _common.time_interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     ours_s = med["ours"]
     row = [preset, f"{cfg.num_params() / 1e6:.2f}M", f"{n_tok / ours_s:,.0f}", f"{ours_s * 1e3:,.0f}",
@@ -195,20 +201,19 @@ def main():
               if t_s else ["n/a", "n/a", "n/a"])
     print("#   " + preset + ": " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()), file=sys.stderr,
           flush=True)
-    if not args.no_dot_bound:
-      from experiments.benchmarks import dot_bound
-      bound = dot_bound.time_dots(dot_bound.compiled_dots(compiled.as_text()), torch=torch,
-                                  repeats=args.repeats)
-      print(dot_bound.summary(bound, preset + " step's dots"))
+    if dots is not None:
+      gflop = sum(d.flops * d.count for d in dots) / 1e9
+      print(f"#   {preset}: our step runs {sum(d.count for d in dots)} dots, {gflop:.2f} GFLOP", file=sys.stderr)
+      t_x, t_t = med["dots alone, XLA"], med.get("dots alone, torch.matmul")
+      row.append(f"{t_x * 1e3:,.0f} ({gflop / t_x:.0f})" + (f" / {t_t * 1e3:,.0f} ({gflop / t_t:.0f})" if t_t else ""))
       if args.per_dot:
-        print(dot_bound.per_dot_table(bound))
-      row.append(f"{bound['xla_s'] * 1e3:,.0f}" + (f" / {bound['torch_s'] * 1e3:,.0f}" if bound["torch_s"] else ""))
+        print(dot_bound.per_dot_table(dot_bound.time_dots(dots, torch=torch, repeats=args.repeats)))
     rows.append(row)
   header = ["model", "params", "ours tok/s", "ours ms", "ours GFLOP/s", f"of {args.dtype} peak", "compile s"]
   for name in peers:
     header += [f"{name} tok/s", f"speed-up vs {name}", f"GFLOP/s at 1.2x {name} (of jnp peak)"]
   if not args.no_dot_bound:
-    header.append("our step's dots alone ms, XLA" + (" / torch.matmul" if torch is not None else ""))
+    header.append("our step's dots alone ms (GFLOP/s), XLA" + (" / torch.matmul" if torch is not None else ""))
   print(_common.markdown_table(header, rows))
   print(f"# load average at end: {_common.load_average()}")
 
