@@ -184,7 +184,7 @@ def time_dots(dots: list[Dot], *, torch=None, repeats: int = 5, inner: int = 10,
   """Each distinct dot timed alone (median of `repeats` batches of `inner` calls), scaled by its count.
 
   Returns {"count": dot executions, "gflop", "xla_s", "torch_s" (None without torch), "rows": per distinct
-  dot (lhs, rhs, count, xla GFLOP/s, torch GFLOP/s)}.
+  dot (lhs, rhs, (lhs, rhs contracting dims), count, xla GFLOP/s, torch GFLOP/s)}.
   """
   import jax
   import numpy as np
@@ -201,14 +201,16 @@ def time_dots(dots: list[Dot], *, torch=None, repeats: int = 5, inner: int = 10,
       with torch.no_grad():
         t_t = _median_seconds(lambda: torch.matmul(ta, tb), lambda o: None, repeats, inner)
       torch_s += t_t * dot.count
-    rows.append((dot.lhs, dot.rhs, dot.count, dot.flops / t_x / 1e9, dot.flops / t_t / 1e9 if t_t else None))
+    rows.append((dot.lhs, dot.rhs, dot.dimension_numbers[0], dot.count, dot.flops / t_x / 1e9,
+                 dot.flops / t_t / 1e9 if t_t else None))
   return {"count": sum(d.count for d in dots), "gflop": flops / 1e9, "xla_s": xla_s, "torch_s": torch_s,
           "rows": rows}
 
 
 def per_dot_table(result: dict) -> str:
-  lines = ["#     lhs x rhs (count): XLA GFLOP/s, torch GFLOP/s"]
-  for lhs, rhs, count, gx, gt in result["rows"]:
-    lines.append(f"#     {list(lhs)} x {list(rhs)} (x{count}): {gx:.1f}" + (f", {gt:.1f}" if gt else ""))
+  lines = ["#     lhs x rhs, contracting dims (executions a run): XLA GFLOP/s, torch.matmul GFLOP/s"]
+  for lhs, rhs, (lc, rc), count, gx, gt in result["rows"]:
+    lines.append(f"#     {list(lhs)} x {list(rhs)}, {list(lc)}x{list(rc)} (x{count}): {gx:.1f}"
+                 + (f", {gt:.1f}" if gt else ""))
   return "\n".join(lines)
 
