@@ -21,6 +21,7 @@ import math
 import re
 import statistics
 import time
+
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*?)\)(.*)$")  # name, type, op, operands, attrs
 _ARRAY = re.compile(r"^(\w+)\[([\d,]*)\]")
@@ -58,8 +59,9 @@ class Dot:
 def compiled_dots(hlo_text: str) -> list[Dot]:
   """Every `dot` of an optimized HLO module, grouped by shape and dimensions, counted per program run.
 
-  A dot inside a while loop's body counts the loop's `known_trip_count` times (nested loops multiply); a
-  computation called from several places counts once per caller. Raises ValueError when the text has no
+  A dot inside a while loop's body counts the loop's `known_trip_count` times (nested loops multiply; a loop
+  without one counts once); a computation called from several places counts once per caller, and both
+  branches of a conditional count. Raises ValueError when the text has no
   dot (e.g. HLO printed in a format this parser does not know), so a benchmark never reports zero cost.
   """
   comps: dict[str, list] = {}  # computation -> [(instr name, dtype, shape, op, operand names, attrs)]
@@ -86,7 +88,7 @@ def compiled_dots(hlo_text: str) -> list[Dot]:
   counts: dict[tuple, int] = {}
 
   def visit(comp: str, mult: int) -> None:
-    for name, dtype, _, op, args, attrs in comps.get(comp, []):
+    for _, _, _, op, args, attrs in comps.get(comp, []):
       if op == "dot":
         dims = {k: tuple(int(x) for x in v.split(",") if x) for k, v in _DIMS.findall(attrs)}
         lhs, rhs = shapes[(comp, args[0])], shapes[(comp, args[1])]
