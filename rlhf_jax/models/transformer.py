@@ -413,7 +413,12 @@ class Transformer(nn.Module):
     # prompt is half the sequence). That needs the layers as straight-line code: unrolled layers, or a layer
     # scan unrolled completely (the CPU default), whose stacked weights are then applied layer by layer.
     # A partly unrolled scan (the accelerator default) runs every layer on all T positions and slices after.
-    if cfg.scan_layers and (self.is_initializing() or cfg.scan_unroll < cfg.n_layers):
+    # A scan_layers model also runs on its params' per-layer view (`unscan_params`: `layer_{i}` trees, same
+    # values), as straight-line layers: what the steps' chunk loops hand it on CPU (`make_apply_fn`'s
+    # `layer_views`), so that no chunk slices the stacked weights or concatenates their gradients again.
+    given = {} if self.is_initializing() else self.variables.get("params", {})
+    per_layer_view = cfg.scan_layers and "layers" not in given and "layer_0" in given
+    if cfg.scan_layers and not per_layer_view and (self.is_initializing() or cfg.scan_unroll < cfg.n_layers):
       stack = nn.scan(
           _ScanBlock,
           variable_axes={"params": 0},
@@ -426,7 +431,7 @@ class Transformer(nn.Module):
       x, _ = stack(x, positions_BxT, bias, cache_index)
       x = x[:, out_from:]
       new_cache = None
-    elif cfg.scan_layers:
+    elif cfg.scan_layers and not per_layer_view:
       stacked = nn.meta.unbox(self.variables["params"]["layers"]["block"])  # [L, ...] leaves, as nn.scan made them
       block = Block(cfg, parent=None)
       for i in range(cfg.n_layers):
@@ -472,11 +477,23 @@ def unscan_params(cfg: ModelConfig, params: Any) -> Any:
   """Params of a `scan_layers` model in the `layer_{i}` layout of the same model unrolled.
 
   The cache (sampling) path runs `Transformer(dataclasses.replace(cfg, scan_layers=False))`
-  on these. Inside `jit` the per-layer slices are taken once, outside any decode loop.
+  on these, and the `scan_layers` model itself accepts them (straight-line layers). Inside `jit`
+  the per-layer slices are taken once, outside any decode or chunk loop.
   """
-  if not cfg.scan_layers:
+  if not cfg.scan_layers or "layers" not in params:
     return params
   out = {k: v for k, v in params.items() if k != "layers"}
   for i in range(cfg.n_layers):
     out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"]["block"])
+  return out
+
+
+def rescan_params(cfg: ModelConfig, params: Any) -> Any:
+  """The inverse of `unscan_params`: `layer_{i}` trees stacked back into the `layers` tree of a `scan_layers`
+  model (e.g. gradients accumulated per layer)."""
+  if not cfg.scan_layers or "layer_0" not in params:
+    return params
+  names = [f"layer_{i}" for i in range(cfg.n_layers)]
+  out = {k: v for k, v in params.items() if k not in names}
+  out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])}
   return out

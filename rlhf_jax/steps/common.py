@@ -139,7 +139,8 @@ def map_rows(fn: Callable, microbatch: Microbatch, *arrays):
 
 
 def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: dict, *, fill,
-                           microbatch: Microbatch = None, extra_fn: Optional[Callable] = None):
+                           microbatch: Microbatch = None, extra_fn: Optional[Callable] = None,
+                           layer_views: Optional[tuple[Callable, Callable]] = None):
   """`((loss, aux), grads)` of `loss_fn(rows_fn(params, batch)) + extra_fn(params)`, the model run in row chunks.
 
   rows_fn(params, batch) -> per-row outputs (a pytree of [B, ...] arrays: a
@@ -161,6 +162,10 @@ def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: 
   outputs. Gradient accumulation on the same rows: one forward and one backward
   per row as without chunks, a working set `B / microbatch` times smaller.
   Without it (None), one `jax.value_and_grad` of the whole expression.
+  layer_views: optional (to_view, from_view), two inverse re-layouts of `params` that `rows_fn` accepts
+    either way (`models.make_apply_fn(cfg).layer_views`: the stacked layer weights and their per-layer
+    view). With chunks, the loop runs on `to_view(params)` and accumulates the gradient in that layout,
+    brought back by `from_view` once: no chunk slices the stacked weights or concatenates their gradients.
   """
   rows, n = _chunks(batch, microbatch)
 
@@ -175,6 +180,8 @@ def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: 
     return jax.value_and_grad(full, has_aux=True)(params)
   size = rows // n
   chunks = jax.tree.map(lambda x: x.reshape(n, size, *x.shape[1:]), batch)
+  to_view, from_view = layer_views or (lambda p: p, lambda p: p)
+  loop_params = to_view(params)
 
   def body(acc, xs):
     i, chunk = xs
@@ -185,11 +192,12 @@ def rowwise_value_and_grad(rows_fn: Callable, loss_fn: Callable, params, batch: 
                               fill, out)
       return loss_fn(rows_out)[0], out
 
-    grads, out = jax.grad(chunk_loss, has_aux=True)(params)
+    grads, out = jax.grad(chunk_loss, has_aux=True)(loop_params)
     return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), out
 
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), loop_params)
   acc, outs = jax.lax.scan(body, zeros, (jnp.arange(n), chunks))
+  acc = from_view(acc)
   outputs = jax.tree.map(lambda x: x.reshape(rows, *x.shape[2:]), outs)
   loss, aux = loss_fn(jax.lax.stop_gradient(outputs))
   if extra_fn is not None:

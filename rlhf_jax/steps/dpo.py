@@ -147,7 +147,8 @@ def make_dpo_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *
     # The DPO loss is a weighted mean of per-pair terms: chunks of pairs accumulate the exact gradient.
     (loss, metrics), grads = rowwise_value_and_grad(
         rows_fn, lambda out: loss_fn(out, weights_B, ref_chosen_B, ref_rejected_B), state.params, pairs,
-        fill=(ref_chosen_B, ref_rejected_B), microbatch=microbatch)
+        fill=(ref_chosen_B, ref_rejected_B), microbatch=microbatch,
+        layer_views=getattr(apply_fn, "layer_views", None))
     new_state, skipped = apply_gradients_with_status(state, grads, optimizer, loss=loss)
     return new_state, {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads),
                        "train/skipped": skipped}

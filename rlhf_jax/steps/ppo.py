@@ -231,12 +231,14 @@ def make_ppo_step(actor_apply: Callable, actor_tx: optax.GradientTransformation,
       rehearsal_fn = lambda p: add_rehearsal_loss(0.0, actor_apply, p, rehearsal, coef=rehearsal_coef)  # noqa: E731
     (loss, metrics), pg = rowwise_value_and_grad(
         policy_rows, lambda out: policy_loss_fn(out, mb, kl_coef), actor.params, mb,
-        fill=(mb["old_logprobs"], jnp.zeros_like(mb["old_logprobs"])), microbatch=microbatch, extra_fn=rehearsal_fn)
+        fill=(mb["old_logprobs"], jnp.zeros_like(mb["old_logprobs"])), microbatch=microbatch, extra_fn=rehearsal_fn,
+        layer_views=getattr(actor_apply, "layer_views", None))
     actor, metrics["policy/skipped"] = apply_gradients_with_status(actor, pg, actor_tx, loss=loss)
     metrics["policy/grad_norm"] = optax.global_norm(pg)
     if use_critic:
       (vloss, vm), vg = rowwise_value_and_grad(value_rows, lambda out: value_loss_fn(out, mb), critic.params, mb,
-                                               fill=mb["old_values"], microbatch=microbatch)
+                                               fill=mb["old_values"], microbatch=microbatch,
+                                               layer_views=getattr(critic_apply, "layer_views", None))
       critic, vm["value/skipped"] = apply_gradients_with_status(critic, vg, critic_tx, loss=vloss)
       metrics.update(vm)
       metrics["value/grad_norm"] = optax.global_norm(vg)

@@ -42,7 +42,8 @@ def make_rm_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *,
     pairs = {k: batch[k] for k in ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")}
     zeros = jnp.zeros(pairs["chosen_tokens"].shape[:1], jnp.float32)
     (loss, metrics), grads = rowwise_value_and_grad(lambda p, rows: _pair_scores(apply_fn, p, rows), loss_fn,
-                                                    state.params, pairs, fill=(zeros, zeros), microbatch=microbatch)
+                                                    state.params, pairs, fill=(zeros, zeros), microbatch=microbatch,
+                                                    layer_views=getattr(apply_fn, "layer_views", None))
     return apply_gradients(state, grads, optimizer), {**metrics, "train/loss": loss,
                                                      "train/grad_norm": optax.global_norm(grads)}
 

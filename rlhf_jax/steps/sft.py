@@ -43,7 +43,7 @@ def make_sft_step(apply_fn: Callable, optimizer: optax.GradientTransformation, *
     (loss, metrics), grads = rowwise_value_and_grad(
         rows_fn, lambda out: losses.sft_loss_from_logprobs(*out, loss_mask), state.params,
         {"tokens": batch["tokens"], "mask": batch["mask"]}, fill=fill,
-        microbatch=microbatch)
+        microbatch=microbatch, layer_views=getattr(apply_fn, "layer_views", None))
     # A non-finite loss or gradient skips the update (params unchanged); `train/skipped` is 1.0 then.
     new_state, skipped = apply_gradients_with_status(state, grads, optimizer, loss=loss)
     metrics = {**metrics, "train/loss": loss, "train/grad_norm": optax.global_norm(grads), "train/skipped": skipped}

@@ -129,13 +129,38 @@ def test_rowwise_gradient_equals_the_whole_batch_gradient(setup, loss_agg):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5 * scale)
 
 
-def test_ppo_step_with_microbatches_equals_the_whole_minibatch(setup):
+# The layer scan as one scan (accelerators) and as straight-line layers (the CPU default), where the chunk loop runs
+# on the per-layer view of the stacked params (`make_apply_fn(cfg).layer_views`) and restacks the gradient once.
+UNROLLS = pytest.mark.parametrize("unroll", [1, CFG.n_layers], ids=["scan", "straight_line"])
+
+
+def test_layer_views_round_trip_and_the_model_takes_either_layout(setup):
+  params, critic, batch = setup
+  cfg = dataclasses.replace(CFG, scan_unroll=CFG.n_layers)
+  assert models.make_apply_fn(CFG).layer_views is None  # a partly unrolled scan keeps the stacked layout
+  for head, p in (("lm", params), ("scalar", critic)):
+    apply_fn = models.make_apply_fn(cfg, head=head)
+    to_view, from_view = apply_fn.layer_views
+    view = to_view(p)
+    assert "layers" not in view and sorted(k for k in view if k.startswith("layer_")) == ["layer_0", "layer_1"]
+    back = from_view(view)
+    assert jax.tree.structure(back) == jax.tree.structure(p)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(p)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    out_stacked = apply_fn(p, batch["tokens"], batch["mask"], out_from=P)[0]
+    out_view = apply_fn(view, batch["tokens"], batch["mask"], out_from=P)[0]
+    np.testing.assert_allclose(np.asarray(out_view), np.asarray(out_stacked), rtol=1e-6, atol=1e-6)
+
+
+@UNROLLS
+def test_ppo_step_with_microbatches_equals_the_whole_minibatch(setup, unroll):
   """GAE + critic, 2 minibatches of 6 rows, SGD: the same parameters and metrics in chunks of 4→3 rows.
 
   (Small steps: with large ones the value clip's boundary can fall differently under float32 reassociation.)
   """
   params, critic, batch = setup
-  lm, scalar = models.make_apply_fn(CFG), models.make_apply_fn(CFG, head="scalar")
+  cfg = dataclasses.replace(CFG, scan_unroll=unroll)
+  lm, scalar = models.make_apply_fn(cfg), models.make_apply_fn(cfg, head="scalar")
   tx = optax.sgd(0.05)  # params move by exactly the gradients
   results = {}
   for k in (None, 4):
@@ -155,9 +180,10 @@ def test_ppo_step_with_microbatches_equals_the_whole_minibatch(setup):
   assert float(jnp.abs(base_state.actor.params["embedding"] - params["embedding"]).max()) > 1e-5  # it moved
 
 
-def test_grpo_step_with_rehearsal_and_microbatches_equals_the_whole_minibatch(setup):
+@UNROLLS
+def test_grpo_step_with_rehearsal_and_microbatches_equals_the_whole_minibatch(setup, unroll):
   params, _, batch = setup
-  lm = models.make_apply_fn(CFG)
+  lm = models.make_apply_fn(dataclasses.replace(CFG, scan_unroll=unroll))
   tx = optax.sgd(0.5)
   rehearsal = {"tokens": batch["tokens"][:3], "mask": batch["mask"][:3],
                "loss_mask": jnp.ones((3, S), jnp.int32).at[:, :P].set(0), "weights": jnp.ones(3)}
