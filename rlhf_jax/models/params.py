@@ -74,7 +74,7 @@ def make_apply_fn(cfg: ModelConfig, *, head: str = "lm") -> Callable:
   `scan_unroll` = every layer), the pair (`unscan_params`, `rescan_params`) of this config; else None. The
   apply function takes params in either layout; the steps' chunk loops (`steps.rowwise_value_and_grad`) run on
   the per-layer view and accumulate per-layer gradients, restacked once a step: slicing the stacked weights and
-  concatenating their gradients in every chunk cost the small preset's SFT step 7% on an AVX2 CPU (issue 15).
+  concatenating their gradients in every chunk cost the small preset's SFT step 5% on an AVX2 CPU (issue 15).
   """
   model = Transformer(cfg, head=head)
 
