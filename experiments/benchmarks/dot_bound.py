@@ -64,7 +64,7 @@ def compiled_dots(hlo_text: str) -> list[Dot]:
   branches of a conditional count. Raises ValueError when the text has no
   dot (e.g. HLO printed in a format this parser does not know), so a benchmark never reports zero cost.
   """
-  comps: dict[str, list] = {}  # computation -> [(instr name, dtype, shape, op, operand names, attrs)]
+  comps: dict[str, list] = {}  # computation -> [(op, operand names, attrs)]
   shapes: dict[tuple, tuple] = {}
   entry, cur = None, None
   for line in hlo_text.splitlines():
@@ -81,14 +81,14 @@ def compiled_dots(hlo_text: str) -> list[Dot]:
       array = _ARRAY.match(type_)  # None for a tuple (a while loop's state)
       dtype, shape = (array.group(1), tuple(int(x) for x in array.group(2).split(",") if x)) if array else (None, ())
       shapes[(cur, name)] = (dtype, shape)
-      comps[cur].append((name, dtype, shape, op, [a.strip().lstrip("%") for a in args.split(",")], attrs))
+      comps[cur].append((op, [a.strip().lstrip("%") for a in args.split(",")], attrs))
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
 
   counts: dict[tuple, int] = {}
 
   def visit(comp: str, mult: int) -> None:
-    for _, _, _, op, args, attrs in comps.get(comp, []):
+    for op, args, attrs in comps.get(comp, []):
       if op == "dot":
         dims = {k: tuple(int(x) for x in v.split(",") if x) for k, v in _DIMS.findall(attrs)}
         lhs, rhs = shapes[(comp, args[0])], shapes[(comp, args[1])]
